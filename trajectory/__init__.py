@@ -1,0 +1,50 @@
+"""sgdwalk: record SGD trajectories during any PyTorch training run and measure the loss landscape along them.
+
+The public API is what this module exports; everything else may change between releases.
+"""
+__version__ = "0.1.0"
+
+from .archive.layout import Layout  # noqa: E402
+from .archive.reader import Pair, Trajectory  # noqa: E402
+from .errors import (  # noqa: E402
+    ArchiveError,
+    ArchiveExistsError,
+    ArchiveFormatError,
+    ArchiveVersionError,
+    DataNotFoundError,
+    LayoutMismatchError,
+    RecorderError,
+    SgdwalkError,
+    SpecError,
+    UntrustedSpecError,
+)
+from .recorder import Recorder  # noqa: E402
+from .samplers import RecordingBatchSampler, record_indices  # noqa: E402
+from .schedules import Every, Pairs, Schedule, Steps, Union, Windows, parse_schedule  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "Recorder",
+    "Trajectory",
+    "Pair",
+    "Layout",
+    "RecordingBatchSampler",
+    "record_indices",
+    "Schedule",
+    "Every",
+    "Steps",
+    "Pairs",
+    "Windows",
+    "Union",
+    "parse_schedule",
+    "SgdwalkError",
+    "ArchiveError",
+    "ArchiveFormatError",
+    "ArchiveVersionError",
+    "ArchiveExistsError",
+    "LayoutMismatchError",
+    "RecorderError",
+    "SpecError",
+    "UntrustedSpecError",
+    "DataNotFoundError",
+]
