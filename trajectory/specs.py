@@ -1,0 +1,428 @@
+"""Importable model and data specs: how an archive names the code that rebuilds its run.
+
+An sgdwalk archive records *what* was trained on *which* data so that a separate process (the
+analysis CLI, a notebook, a colleague's machine) can rebuild the model and the dataset without the
+training script. It does so with a :class:`Spec`: a ``"package.module:factory"`` target plus a JSON
+object of keyword arguments. Specs are stored as canonical JSON text, never as pickles.
+
+Spec string format
+------------------
+* ``target`` is ``"package.module:attribute"``: a dotted, importable module path, a colon, and a
+  (possibly dotted) attribute path inside that module, e.g. ``"trajectory.zoo.models:mlp"`` or
+  ``"mylab.nets:make_wide_resnet"``. Every component must be a Python identifier.
+* ``kwargs`` is a JSON object (string keys; numbers, strings, booleans, null, lists and nested
+  objects). Tuples become lists, exactly as they will be after a JSON round trip.
+* Canonical text (:meth:`Spec.to_json`): ``json.dumps({"target": ..., "kwargs": ...}, sort_keys=True)``.
+* On the command line a spec is a target or zoo short name plus an optional JSON kwargs string,
+  see :meth:`Spec.parse`, :func:`resolve_model_spec` and :func:`resolve_data_spec`.
+
+Factory contracts
+-----------------
+Model factory: ``factory(**kwargs) -> torch.nn.Module``. Given the same kwargs and the same
+``torch.manual_seed`` it must build the same architecture with the same initial parameters and the
+same state-dict keys; the archive's layout table is checked against that state dict.
+
+Data factory: ``factory(split: str = "train", augment: bool = False, **kwargs) -> Dataset``.
+
+* It returns a map-style ``torch.utils.data.Dataset`` (``__len__`` and ``__getitem__``) whose items
+  are ``(x, y)`` pairs with ``y`` an integer class label (a Python ``int`` or a 0-d integer tensor).
+* ``split`` is ``"train"`` or ``"test"``. The recorder's minibatch indices refer to the ``"train"``
+  split **in dataset order**, so that order must be a deterministic function of the kwargs: the
+  same kwargs in another process must give the same example at the same index.
+* ``augment=True`` asks for the training-time random augmentation (the paper's authors evaluate the
+  loss along the path with it); ``augment=False`` must be deterministic. Factories whose data has no
+  augmentation accept and ignore the flag.
+
+Trust rule
+----------
+An archive is data, never code the user did not choose. :meth:`Spec.build` imports a target only
+if it is one of sgdwalk's own zoo factories (:attr:`Spec.is_builtin`) or the caller passes
+``trusted=True`` (``--trust-specs`` on the CLI). Otherwise it raises :class:`UntrustedSpecError`
+*before importing anything*, so a spec such as ``"os:system"`` read from a downloaded archive can do
+nothing. Specs named by the user on the command line (``--model``/``--data``) are the user's choice
+and are built trusted by the CLI.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from trajectory.errors import SgdwalkError, SpecError, UntrustedSpecError
+from trajectory.zoo import (
+    DATA_FACTORIES,
+    DATA_MODULE,
+    MODEL_FACTORIES,
+    MODELS_MODULE,
+    builtin_targets,
+)
+
+if TYPE_CHECKING:  # pragma: no cover - typing only; keeps `import trajectory.specs` free of torch
+    import torch
+    from torch.utils.data import Dataset
+
+__all__ = [
+    "Spec",
+    "DataShape",
+    "resolve_model_spec",
+    "resolve_data_spec",
+    "build_model",
+    "build_dataset",
+    "size_model_spec",
+    "SPLITS",
+]
+
+#: The dataset splits every data factory must accept.
+SPLITS: tuple[str, ...] = ("train", "test")
+
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_TARGET_RE = re.compile(rf"{_IDENT}(?:\.{_IDENT})*:{_IDENT}(?:\.{_IDENT})*")
+_BUILTIN_TARGETS = builtin_targets()
+
+_TRUST_HINT = (
+    "pass --trust-specs (CLI) or trusted=True (API) if you trust where it came from, "
+    "or pass --model/--data explicitly"
+)
+
+
+def _one_line(text: object) -> str:
+    """Collapse whitespace so that a message embedded from another exception stays on one line."""
+    return " ".join(str(text).split())
+
+
+def _canonical_kwargs(kwargs: object, where: str) -> dict[str, Any]:
+    """Return ``kwargs`` as it will read back from JSON, or raise SpecError if it cannot be stored.
+
+    Canonicalising at construction means ``Spec(t, {"hidden": (100,)}) ==
+    Spec.from_json(spec.to_json())``: what a process builds is exactly what the archive records.
+    """
+    if not isinstance(kwargs, Mapping):
+        raise SpecError(f"{where}: kwargs must be a JSON object (a dict), got {type(kwargs).__name__}")
+    bad = [k for k in kwargs if not isinstance(k, str)]
+    if bad:
+        raise SpecError(f"{where}: kwargs keys must be strings, got {bad[0]!r}")
+    try:
+        text = json.dumps(dict(kwargs), sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise SpecError(f"{where}: kwargs are not JSON-serialisable ({_one_line(err)})") from err
+    return json.loads(text)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """An importable factory plus the keyword arguments to call it with.
+
+    ``Spec`` is immutable and compares by value; its ``kwargs`` are stored in JSON-canonical form
+    (tuples become lists). Do not mutate ``spec.kwargs`` in place - build a new Spec instead (e.g.
+    ``dataclasses.replace(spec, kwargs={**spec.kwargs, "width": 64})``).
+
+    Example::
+
+        spec = Spec("trajectory.zoo.models:mlp", {"hidden": [100, 100]})
+        model = spec.build()                       # built-in: no trust needed
+        text = spec.to_json()                      # store in the archive
+        Spec.from_json(text).build(num_classes=10) # another process, with an override
+    """
+
+    target: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.target, str) or not _TARGET_RE.fullmatch(self.target):
+            raise SpecError(
+                f"malformed spec target {self.target!r}: expected 'package.module:factory' "
+                "made of Python identifiers, e.g. 'trajectory.zoo.models:mlp'"
+            )
+        object.__setattr__(self, "kwargs", _canonical_kwargs(self.kwargs, f"spec {self.target!r}"))
+
+    # Equality and hashing go through the canonical text, so they agree with what an archive
+    # stores (the generated dict comparison would call {"x": 1} and {"x": True} equal).
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Spec):
+            return NotImplemented
+        return self.to_json() == other.to_json()
+
+    def __hash__(self) -> int:
+        return hash(self.to_json())
+
+    def __str__(self) -> str:
+        if not self.kwargs:
+            return self.target
+        return f"{self.target} {json.dumps(self.kwargs, sort_keys=True)}"
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def module(self) -> str:
+        """The importable module part of :attr:`target` (before the colon)."""
+        return self.target.partition(":")[0]
+
+    @property
+    def attribute(self) -> str:
+        """The attribute path inside :attr:`module` (after the colon)."""
+        return self.target.partition(":")[2]
+
+    @property
+    def is_builtin(self) -> bool:
+        """True iff the target is one of sgdwalk's registered zoo factories.
+
+        This is stricter than "the module is inside ``trajectory.zoo``": the zoo modules import
+        torch, os and friends, so ``"trajectory.zoo.models:torch.load"`` lives in a zoo module but
+        is not a zoo factory and is not built without trust. Only the exact targets listed in
+        :data:`trajectory.zoo.MODEL_FACTORIES` and :data:`trajectory.zoo.DATA_FACTORIES` count.
+        """
+        return self.target in _BUILTIN_TARGETS
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_json(self) -> str:
+        """Canonical JSON text: equal specs always give byte-identical text."""
+        return json.dumps({"target": self.target, "kwargs": self.kwargs}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Spec:
+        """Parse the text written by :meth:`to_json`. Imports nothing.
+
+        Raises :class:`SpecError` if the text is not a JSON object with a string ``"target"``, an
+        optional object ``"kwargs"`` and no other keys.
+        """
+        if isinstance(text, (bytes, bytearray)):
+            try:
+                text = bytes(text).decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise SpecError(f"spec text is not UTF-8 ({_one_line(err)})") from err
+        try:
+            obj = json.loads(text)
+        except (TypeError, ValueError) as err:
+            raise SpecError(f"spec text {_shorten(text)!r} is not valid JSON ({_one_line(err)})") from err
+        if not isinstance(obj, dict) or "target" not in obj:
+            raise SpecError(
+                f"spec text {_shorten(text)!r} must be a JSON object with a 'target' key"
+            )
+        unknown = sorted(set(obj) - {"target", "kwargs"})
+        if unknown:
+            raise SpecError(
+                f"spec text {_shorten(text)!r} has unknown key(s) {unknown}; expected only 'target' and 'kwargs'"
+            )
+        kwargs = obj.get("kwargs", {})
+        if kwargs is None:
+            kwargs = {}
+        return cls(obj["target"], kwargs)
+
+    @classmethod
+    def parse(cls, text: str, kwargs_json: str | None = None) -> Spec:
+        """Build a Spec from command-line text: a full target and an optional JSON kwargs object.
+
+        ``Spec.parse("mylab.nets:wide", '{"width": 4}')``. Short zoo names are not accepted
+        here; use :func:`resolve_model_spec` / :func:`resolve_data_spec`, which accept both.
+        """
+        if not isinstance(text, str):
+            raise SpecError(f"spec target must be a string, got {type(text).__name__}")
+        target = text.strip()
+        kwargs: dict[str, Any] = {}
+        if kwargs_json is not None and kwargs_json.strip():
+            try:
+                parsed = json.loads(kwargs_json)
+            except ValueError as err:
+                raise SpecError(
+                    f"kwargs for spec {target!r} are not valid JSON: {_shorten(kwargs_json)!r} ({_one_line(err)})"
+                ) from err
+            if not isinstance(parsed, dict):
+                raise SpecError(
+                    f"kwargs for spec {target!r} must be a JSON object like '{{\"width\": 64}}', "
+                    f"got {_shorten(kwargs_json)!r}"
+                )
+            kwargs = parsed
+        return cls(target, kwargs)
+
+    # ------------------------------------------------------------------ building
+    def resolve(self, *, trusted: bool = False) -> Callable[..., Any]:
+        """Import and return the factory without calling it.
+
+        Raises :class:`UntrustedSpecError` (before any import) if the target is not built-in and
+        ``trusted`` is false; :class:`SpecError` if the module or attribute does not exist or the
+        attribute is not callable.
+        """
+        if not trusted and not self.is_builtin:
+            raise UntrustedSpecError(
+                f"refusing to import spec {self.target!r}: it is not a built-in sgdwalk zoo factory "
+                f"and sgdwalk never runs code named by an archive unless asked; {_TRUST_HINT}"
+            )
+        try:
+            obj: Any = importlib.import_module(self.module)
+        except ImportError as err:
+            raise SpecError(
+                f"cannot import module {self.module!r} for spec {self.target!r}: {_one_line(err)}"
+            ) from err
+        walked = self.module
+        for part in self.attribute.split("."):
+            try:
+                obj = getattr(obj, part)
+            except AttributeError as err:
+                raise SpecError(
+                    f"spec {self.target!r}: {walked!r} has no attribute {part!r}"
+                ) from err
+            walked = f"{walked}.{part}"
+        if not callable(obj):
+            raise SpecError(
+                f"spec {self.target!r} names a {type(obj).__name__}, not a callable factory"
+            )
+        return obj
+
+    def build(self, *, trusted: bool = False, **overrides: Any) -> Any:
+        """Import the factory and call it with ``{**self.kwargs, **overrides}``.
+
+        ``overrides`` are runtime arguments that are not part of the recorded spec, typically
+        ``split=`` and ``augment=`` for data factories, or a kwarg the user overrides on the CLI.
+
+        Raises :class:`UntrustedSpecError` for a non-built-in target unless ``trusted=True`` (no
+        import happens); :class:`SpecError` if the target cannot be imported, is not callable, does
+        not accept the keyword arguments, or raises ``TypeError``/``ValueError`` while building.
+        Errors sgdwalk raises on purpose inside a factory (e.g. ``DataNotFoundError``) pass through
+        unchanged; other exceptions are bugs in the factory and propagate as they are.
+        """
+        factory = self.resolve(trusted=trusted)
+        kwargs = {**self.kwargs, **overrides}
+        try:
+            signature: inspect.Signature | None = inspect.signature(factory)
+        except (TypeError, ValueError):  # some builtins have no introspectable signature
+            signature = None
+        if signature is not None:
+            try:
+                signature.bind(**kwargs)
+            except TypeError as err:
+                raise SpecError(
+                    f"spec {self}: {_one_line(err)}; {self.attribute} accepts {signature}"
+                ) from err
+        try:
+            return factory(**kwargs)
+        except SgdwalkError:
+            raise
+        except (TypeError, ValueError) as err:
+            raise SpecError(
+                f"spec {self} failed to build: {type(err).__name__}: {_one_line(err)}"
+            ) from err
+
+
+def _shorten(text: object, limit: int = 120) -> str:
+    s = _one_line(text)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def _resolve(name: str | Spec, kwargs: dict[str, Any], module: str, names: tuple[str, ...], kind: str) -> Spec:
+    if isinstance(name, Spec):
+        return Spec(name.target, {**name.kwargs, **kwargs})
+    if not isinstance(name, str) or not name.strip():
+        raise SpecError(f"empty {kind} spec; give a zoo name ({', '.join(names)}) or 'module:factory'")
+    name = name.strip()
+    if ":" in name:
+        return Spec(name, kwargs)
+    if name in names:
+        return Spec(f"{module}:{name}", kwargs)
+    raise SpecError(
+        f"unknown {kind} {name!r}: built-in {kind}s are {', '.join(names)}; "
+        "for your own code give 'package.module:factory'"
+    )
+
+
+def resolve_model_spec(name: str | Spec, **kwargs: Any) -> Spec:
+    """Turn a zoo short name (``"mlp"``, ``"vgg11_bn"``, ...) or a full target into a model Spec.
+
+    A string containing ``":"`` is taken as a full ``module:factory`` target; otherwise it must be
+    one of :data:`trajectory.zoo.MODEL_FACTORIES`. Passing a :class:`Spec` merges ``kwargs`` into it.
+    """
+    return _resolve(name, kwargs, MODELS_MODULE, MODEL_FACTORIES, "model")
+
+
+def resolve_data_spec(name: str | Spec, **kwargs: Any) -> Spec:
+    """Turn a zoo short name (``"mnist1d"``, ``"cifar10"``, ``"synthetic"``) or a full target into a data Spec."""
+    return _resolve(name, kwargs, DATA_MODULE, DATA_FACTORIES, "dataset")
+
+
+def build_model(spec: Spec, *, trusted: bool = False, **overrides: Any) -> torch.nn.Module:
+    """Build a model from ``spec`` and check that the factory honoured the model contract."""
+    import torch
+
+    model = spec.build(trusted=trusted, **overrides)
+    if not isinstance(model, torch.nn.Module):
+        raise SpecError(f"model spec {spec} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def build_dataset(
+    spec: Spec,
+    split: str = "train",
+    *,
+    augment: bool = False,
+    trusted: bool = False,
+    **overrides: Any,
+) -> Dataset:
+    """Build one split of a dataset from ``spec`` and check the data factory contract.
+
+    The result must be map-style (``__len__`` and ``__getitem__``) because recorded minibatch
+    indices are replayed by position.
+    """
+    if split not in SPLITS:
+        raise SpecError(f"unknown split {split!r} for data spec {spec}; expected one of {list(SPLITS)}")
+    dataset = spec.build(trusted=trusted, split=split, augment=augment, **overrides)
+    if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+        raise SpecError(
+            f"data spec {spec} returned {type(dataset).__name__}, not a map-style Dataset "
+            "with __len__ and __getitem__"
+        )
+    return dataset
+
+
+class DataShape(Protocol):
+    """What :func:`size_model_spec` needs to know about a dataset (see ``zoo.data.DatasetInfo``)."""
+
+    @property
+    def input_shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def num_classes(self) -> int: ...
+
+
+def size_model_spec(spec: Spec, info: DataShape, *, trusted: bool = False) -> Spec:
+    """Fill in the sizing kwargs a model factory accepts from a dataset's shape.
+
+    The zoo factories use a small vocabulary of sizing arguments, and user factories that use the
+    same names get the same service:
+
+    ========== =====================================================================
+    kwarg      value derived from ``info.input_shape`` (without the batch dimension)
+    ========== =====================================================================
+    in_features  product of the shape (flattened input size, for MLPs)
+    in_channels  ``shape[0]`` for shapes with 2+ dims, else 1
+    input_dim    number of spatial dims: ``len(shape) - 1`` for 2+ dims, else 1
+    num_classes  ``info.num_classes``
+    ========== =====================================================================
+
+    Only parameters the factory names explicitly are filled, and kwargs already in ``spec`` win.
+    The returned spec is the one to record: it rebuilds the same architecture without needing
+    the dataset. The factory is resolved (imported) under the same trust rule as :meth:`Spec.build`.
+    """
+    factory = spec.resolve(trusted=trusted)
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return spec
+    shape = tuple(int(s) for s in info.input_shape)
+    derived: dict[str, Any] = {
+        "in_features": math.prod(shape) if shape else 1,
+        "in_channels": shape[0] if len(shape) >= 2 else 1,
+        "input_dim": len(shape) - 1 if len(shape) >= 2 else 1,
+        "num_classes": int(info.num_classes),
+    }
+    accepted = {
+        name
+        for name, p in params.items()
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    fill = {k: v for k, v in derived.items() if k in accepted and k not in spec.kwargs}
+    if not fill:
+        return spec
+    return Spec(spec.target, {**spec.kwargs, **fill})
