@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import h5py
+import hdf5plugin  # noqa: F401  (registers the Blosc/zstd HDF5 filters the datasets use)
 import numpy as np
 import torch
 
@@ -181,12 +182,10 @@ class Trajectory:
 
     def refresh(self) -> int:
         """See records a live writer flushed since opening (SWMR); returns the new record count."""
-        for obj in self._file.values():
-            if isinstance(obj, h5py.Dataset):
-                obj.refresh()
-            elif isinstance(obj, h5py.Group):
-                for sub in obj.values():
-                    sub.refresh()
+        for reader in self._rows.values():
+            reader.dset.refresh()
+        for name in (fmt.STEPS, fmt.RECORD_TIME, fmt.NONFINITE, fmt.BATCH_STEP, fmt.BATCH_END, fmt.BATCH_INDICES, fmt.SCALARS):
+            self._file[name].refresh()
         self._load_meta()
         return self._n
 

@@ -18,6 +18,7 @@ import time
 from typing import Any, Mapping
 
 import h5py
+import hdf5plugin  # noqa: F401  (registers the Blosc/zstd HDF5 filters the datasets use)
 import numpy as np
 
 from ..errors import ArchiveExistsError, ArchiveFormatError, LayoutMismatchError
@@ -139,10 +140,7 @@ class ArchiveWriter:
         self._open_kw = kw
         self._appending = mode == "a"
         if self._appending:
-            try:
-                self.file = h5py.File(self.path, "r+", libver="latest", **kw)
-            except OSError as err:
-                raise ArchiveFormatError(f"cannot append to {self.path}: {str(err).splitlines()[0]}") from None
+            self.file = self._open_for_append(kw)
             self._check_appendable(layout)
             self.codec = get_codec(self.file.attrs["codec"])
         else:
@@ -173,6 +171,24 @@ class ArchiveWriter:
         self.last_step = int(f[fmt.STEPS][-1]) if n else None
         self._swmr = False
         self.closed = False
+
+    def _open_for_append(self, kw: dict[str, Any]) -> h5py.File:
+        """Open r+; if a killed writer left HDF5's write flags set, clear them (as h5clear -s) and retry."""
+        from .recovery import clear_write_flags
+
+        for attempt in range(2):
+            try:
+                return h5py.File(self.path, "r+", libver="latest", **kw)
+            except OSError as err:
+                msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+                if attempt == 0 and "already open for write" in msg:
+                    try:
+                        if clear_write_flags(self.path):
+                            continue
+                    except (RuntimeError, ValueError) as why:
+                        msg = str(why)
+                raise ArchiveFormatError(f"cannot append to {self.path}: {msg}") from None
+        raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ creation
     def _create(self, layout: Layout, attrs: Mapping[str, Any], chunk_rows: int | None) -> None:
