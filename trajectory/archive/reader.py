@@ -21,6 +21,7 @@ from ..errors import ArchiveError, ArchiveFormatError, ArchiveVersionError, Layo
 from . import format as fmt
 from .codecs import Codec, bits_to_values, get_codec
 from .layout import BUFFERS, BUFFERS_INT, PARAMS, ROW_DATASETS, Layout
+from .recovery import check_not_truncated
 
 __all__ = ["Trajectory", "Pair"]
 
@@ -121,6 +122,9 @@ class Trajectory:
         if os.path.isdir(self.path):
             raise ArchiveError(f"{self.path} is a directory, not an archive file")
         kw = {} if locking is None else {"locking": locking}
+        truncated = check_not_truncated(self.path)
+        if truncated:
+            raise ArchiveFormatError(f"{self.path} is truncated ({truncated}); re-record it or restore a complete copy")
         try:
             self._file = h5py.File(self.path, "r", libver="latest", swmr=True, **kw)
         except OSError as err:

@@ -13,7 +13,7 @@ import fcntl
 import os
 import struct
 
-__all__ = ["clear_write_flags", "lookup3"]
+__all__ = ["clear_write_flags", "lookup3", "check_not_truncated"]
 
 _SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _MASK = 0xFFFFFFFF
@@ -97,3 +97,28 @@ def clear_write_flags(path: str | os.PathLike) -> bool:
         fh.flush()
         os.fsync(fh.fileno())
     return True
+
+
+def check_not_truncated(path: str | os.PathLike) -> str | None:
+    """Return a reason if the file is shorter than its superblock's end-of-file address, else None.
+
+    HDF5 in SWMR-read mode skips its own truncation check (the file may be growing) and then
+    retries unreadable metadata for a long time, so readers check first. A live SWMR writer only
+    publishes a superblock after the data it covers is written, so a file shorter than the
+    stored end-of-file address is truncated, never merely still being written.
+    """
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+        head = fh.read(48)
+    if len(head) < 8 or head[:8] != _SIGNATURE:
+        return None  # not an HDF5 superblock at offset 0: h5py reports it quickly itself
+    if head[8] not in (2, 3):
+        return None
+    size_offsets = head[9]
+    if size_offsets != 8 or len(head) < 12 + 4 * 8:
+        return "superblock is cut short"
+    base, _ext, eof = struct.unpack("<3Q", head[12:36])
+    if base + eof > size:
+        return f"file has {size} bytes but its superblock says {base + eof}"
+    return None
