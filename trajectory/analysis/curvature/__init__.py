@@ -1,0 +1,1 @@
+"""Curvature of the loss along a trajectory: Hessian-vector products and the estimators built on them."""
