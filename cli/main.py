@@ -203,5 +203,8 @@ def info_command(archive: str, as_json: bool) -> None:
         click.echo(format_info(info))
 
 
-# Commands from other modules are registered here, one line each:
-# main.add_command(analyze_command)
+# Commands from other modules are registered here, one line each.
+from .analyze import analyze, show  # noqa: E402
+
+main.add_command(analyze)
+main.add_command(show)

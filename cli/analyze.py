@@ -1,0 +1,114 @@
+"""``sgdwalk analyze`` and ``sgdwalk show``: thin click commands over :mod:`trajectory.analysis`.
+
+Registered in the main group by ``main.add_command(analyze)`` / ``main.add_command(show)``; each
+also works on its own (``python -m cli.analyze ARCHIVE`` from a source checkout, or ``CliRunner``).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+__all__ = ["analyze", "show"]
+
+
+def _fail(err: BaseException) -> None:
+    if os.environ.get("SGDWALK_DEBUG"):
+        import traceback
+
+        traceback.print_exception(type(err), err, err.__traceback__)
+    msg = " ".join(str(err).split()) or type(err).__name__
+    click.echo(f"error: {msg}", err=True)
+    sys.exit(2)
+
+
+def _options(pairs):
+    out = {}
+    for item in pairs:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r}: use KEY=VALUE", param_hint="--option")
+        import json
+
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
+
+
+@click.command("analyze")
+@click.argument("archive", type=click.Path(dir_okay=False))
+@click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="Results file (default: ARCHIVE with .results.h5 next to it).")
+@click.option("--metric", "-m", "metrics", multiple=True, help="Metric to run (repeatable or comma-separated); default: interpolation, floor, geometry, barriers. Plug-ins from the 'sgdwalk.metrics' entry point group work too.")
+@click.option("--steps", default=None, help="Pairs: all (default), S, A:B, A:B:K (every K-th), comma-separated list; by the pair's first step.")
+@click.option("--alphas", default=None, help="Interpolation grid: start:stop:count (default 0:1:21) or a comma list, e.g. -0.5:1.5:41.")
+@click.option("--eval", "eval_", default=None, show_default=False, help="Evaluation data: minibatch | subset:N | train | test (default subset:2000).")
+@click.option("--bn", type=click.Choice(["train", "eval", "recompute"]), default="train", show_default=True, help="BatchNorm policy (ignored by models without BatchNorm).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when available).")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
+@click.option("--spans", default=None, help="Barrier spans in records, e.g. 1,2,5 (default 1).")
+@click.option("--loss", type=click.Choice(["cross_entropy", "mse"]), default="cross_entropy", show_default=True)
+@click.option("--model", default=None, help="Model spec overriding the archive's: zoo name or module:factory, optional JSON kwargs.")
+@click.option("--data", default=None, help="Data spec overriding the archive's: zoo name or module:factory, optional JSON kwargs.")
+@click.option("--trust-specs", is_flag=True, help="Import model/data specs stored in the archive even if they are not sgdwalk's zoo.")
+@click.option("--option", "extra", multiple=True, metavar="KEY=VALUE", help="Metric option, e.g. height=max, convex_tol=0.02, barrier_tol=1e-3, xtol=1e-6.")
+@click.option("--subset-seed", type=int, default=0, show_default=True, help="Seed of the subset:N selection.")
+@click.option("--flush-seconds", type=float, default=2.0, show_default=True, help="Write results at least this often (atomic rewrite).")
+@click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
+@click.option("--quiet", "-q", "--no-progress", "quiet", is_flag=True, help="No progress bar (it is also off when stderr is not a terminal).")
+def analyze(archive, out, metrics, steps, alphas, eval_, bn, device, dtype, spans, loss, model, data, trust_specs, extra,
+            subset_seed, flush_seconds, as_json, quiet):
+    """Replay pairs of consecutive records of ARCHIVE and measure the loss landscape along the SGD path."""
+    from trajectory.analysis import DEFAULT_EVAL, analyze as run_analysis, format_summary
+    from trajectory.analysis.summary import to_json
+    from trajectory.errors import SgdwalkError
+
+    names = [n.strip() for m in metrics for n in m.split(",") if n.strip()] or None
+    try:
+        report = run_analysis(
+            archive, out, metrics=names, steps=steps, alphas=alphas, spans=spans, eval=eval_ or DEFAULT_EVAL, bn=bn,
+            device=device, dtype=dtype, loss=loss, model=model, data=data, trust_specs=trust_specs,
+            options=_options(extra), subset_seed=subset_seed, flush_seconds=flush_seconds,
+            progress=not quiet and sys.stderr.isatty(),
+        )
+    except SgdwalkError as err:
+        _fail(err)
+    except KeyboardInterrupt:  # interrupted before the pair loop: nothing to save
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    if as_json:
+        click.echo(to_json(report.summary))
+    else:
+        computed = sum(report.computed.values())
+        reused = sum(report.reused.values())
+        click.echo(format_summary(report.summary))
+        click.echo(f"{computed} rows computed, {reused} reused, {report.seconds:.1f} s -> {report.results_path}")
+    if report.interrupted:
+        click.echo(f"interrupted: results so far are saved in {report.results_path}; rerun the same command to resume", err=True)
+        sys.exit(130)
+
+
+@click.command("show")
+@click.argument("results", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--metric", "-m", "metrics", multiple=True, help="Only these metrics.")
+def show(results, as_json, metrics):
+    """Print the summary table of a RESULTS file written by sgdwalk analyze."""
+    from trajectory.analysis import format_summary, summarize_file
+    from trajectory.analysis.summary import to_json
+    from trajectory.errors import SgdwalkError
+
+    try:
+        summary = summarize_file(results)
+    except SgdwalkError as err:
+        _fail(err)
+    if metrics:
+        keep = {n.strip() for m in metrics for n in m.split(",")}
+        summary["tables"] = [t for t in summary["tables"] if t["metric"] in keep]
+    click.echo(to_json(summary) if as_json else format_summary(summary))
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m cli.analyze ARCHIVE ...` from a checkout
+    analyze()

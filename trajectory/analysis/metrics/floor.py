@@ -1,0 +1,161 @@
+"""Valley floor of each update's segment, convexity of the sampled curve, and height above the floor.
+
+The minimum of L(θ(a)) for a in [0, 1] is bracketed on the interpolation grid and refined with
+bounded Brent (golden section plus parabolic steps) on the *true* loss, below the grid spacing:
+
+* interior grid minimum a_j: Brent on [a_{j-1}, a_{j+1}];
+* minimum at an end of the grid: the loss is probed just inside the end (max(4·xtol, 1e-4) away); if it
+  is not lower, the floor is the end itself (not interior); otherwise Brent runs on the first (or last)
+  grid interval, so a floor just inside the segment is still found.
+
+Columns: ``a_star``, ``floor_loss``, ``floor_acc``, ``loss_a`` (L(θ_t)), ``loss_b`` (L(θ_{t+1})),
+``height`` (per option ``height``: 'start' = L(θ_t) − floor, the default; 'max' = max(L(θ_t), L(θ_{t+1})) − floor),
+``height_start``, ``height_max``, ``interior`` (a* strictly inside (0, 1) and below both ends),
+``convex`` (sampled curve on [0, 1] convex within the tolerance), ``convex_interior`` (both),
+``evals`` (loss evaluations spent by Brent), ``nonfinite`` (a NaN/Inf loss was met: the other values are NaN/False).
+
+Convexity tolerance: at every interior grid point, the loss may exceed the chord of its neighbours by
+at most ``convex_tol`` × (max − min of the curve on [0, 1]) + 1e-7 × max|L| (float32 resolution).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..brent import bounded_brent, endpoint_brent, run_lockstep
+from ..errors import AnalysisError
+from ..metric import Metric
+from ..options import parse_alphas
+
+__all__ = ["Floor", "floor_from_grid", "is_convex"]
+
+
+def is_convex(a: np.ndarray, f: np.ndarray, tol: float) -> bool:
+    """True if every interior point lies at most tol(·range) above the chord of its neighbours."""
+    if len(a) < 3:
+        return True
+    if not np.all(np.isfinite(f)):
+        return False
+    rng = float(np.max(f) - np.min(f))
+    slack = tol * rng + 1e-7 * float(np.max(np.abs(f)))
+    a0, a1, a2 = a[:-2], a[1:-1], a[2:]
+    chord = ((a2 - a1) * f[:-2] + (a1 - a0) * f[2:]) / (a2 - a0)
+    return bool(np.all(f[1:-1] - chord <= slack))
+
+
+def floor_from_grid(a: np.ndarray, f: np.ndarray) -> tuple[int, float, float]:
+    """Index of the grid minimum and the Brent bracket [lo, hi] around it."""
+    j = int(np.argmin(f))
+    n = len(a)
+    if 0 < j < n - 1:
+        return j, float(a[j - 1]), float(a[j + 1])
+    if j == 0:
+        return j, float(a[0]), float(a[1])
+    return j, float(a[n - 2]), float(a[n - 1])
+
+
+class Floor(Metric):
+    name = "floor"
+    version = 1
+    requires = ("interpolation",)
+    defaults = {"alphas": parse_alphas(None), "height": "start", "convex_tol": 0.01, "xtol": 1e-5}
+    description = "valley floor, convexity and height above the floor"
+
+    def validate(self) -> None:
+        o = self.options
+        o["alphas"] = parse_alphas(o["alphas"])
+        if 0.0 not in o["alphas"] or 1.0 not in o["alphas"]:
+            raise AnalysisError("the floor metric needs --alphas that include 0 and 1 (the segment's ends)")
+        if o["height"] not in ("start", "max"):
+            raise AnalysisError(f"height option {o['height']!r}: expected 'start' (L(θ_t) − floor) or 'max'")
+        o["convex_tol"] = float(o["convex_tol"])
+        o["xtol"] = float(o["xtol"])
+        if not o["xtol"] > 0 or o["convex_tol"] < 0:
+            raise AnalysisError("xtol must be > 0 and convex_tol >= 0")
+
+    def compute(self, ctx: Any, units: Sequence[tuple[int, ...]]) -> list[dict[str, Any]]:
+        al = np.asarray(self.options["alphas"])
+        seg = (al >= 0.0) & (al <= 1.0)
+        a = al[seg]
+        curves = ctx.rows("interpolation", [u[0] for u in units])
+        losses = np.asarray(curves["loss"])[:, seg]
+        accs = np.asarray(curves["acc"])[:, seg]
+        rows: list[dict[str, Any] | None] = [None] * len(units)
+        gens, owners, gen_unit, seen = [], [], [], []
+        for k, u in enumerate(units):
+            f = losses[k]
+            if not np.all(np.isfinite(f)):
+                rows[k] = self._nonfinite_row(f)
+                continue
+            j, lo, hi = floor_from_grid(a, f)
+            xtol = self.options["xtol"]
+            if j == 0:
+                gens.append(endpoint_brent(float(a[0]), float(f[0]), float(a[1]), xtol))
+            elif j == len(a) - 1:
+                gens.append(endpoint_brent(float(a[-1]), float(f[-1]), float(a[-2]), xtol))
+            else:
+                gens.append(bounded_brent(lo, hi, xtol))
+            owners.append(u[0])
+            gen_unit.append(k)
+            seen.append({})
+
+        def evaluate(reqs):
+            lines = [(owners[g], owners[g] + 1, [x], owners[g]) for g, x in reqs]
+            res = ctx.evaluate_lines(lines)
+            out = []
+            for (g, x), (l, c) in zip(reqs, res):
+                seen[g][x] = (float(l[0]), float(c[0]))
+                out.append(float(l[0]))
+            return out
+
+        results = run_lockstep(gens, evaluate) if gens else []
+        for g, (xb, fb, nev) in enumerate(results):
+            k = gen_unit[g]
+            f = losses[k]
+            j = int(np.argmin(f))
+            fa, fb_end = float(f[0]), float(f[-1])
+            if not math.isfinite(fb):
+                rows[k] = self._nonfinite_row(f, evals=nev)
+                continue
+            if fb <= f[j] and xb in seen[g]:
+                a_star, floor, facc = float(xb), float(fb), seen[g][xb][1]
+            else:  # the grid point is better than anything Brent found (flat or noisy curve)
+                a_star, floor, facc = float(a[j]), float(f[j]), float(accs[k][j])
+            eps = 2 * self.options["xtol"]
+            interior = bool(eps < a_star < 1 - eps and floor < min(fa, fb_end))
+            convex = is_convex(a, f, self.options["convex_tol"])
+            hs, hm = fa - floor, max(fa, fb_end) - floor
+            rows[k] = {
+                "a_star": a_star, "floor_loss": floor, "floor_acc": facc, "loss_a": fa, "loss_b": fb_end,
+                "height": hs if self.options["height"] == "start" else hm, "height_start": hs, "height_max": hm,
+                "interior": interior, "convex": convex, "convex_interior": bool(interior and convex),
+                "evals": int(nev), "nonfinite": False,
+            }
+        return rows  # type: ignore[return-value]
+
+    @staticmethod
+    def _nonfinite_row(f: np.ndarray, evals: int = 0) -> dict[str, Any]:
+        nan = float("nan")
+        return {
+            "a_star": nan, "floor_loss": nan, "floor_acc": nan, "loss_a": float(f[0]), "loss_b": float(f[-1]),
+            "height": nan, "height_start": nan, "height_max": nan, "interior": False, "convex": False,
+            "convex_interior": False, "evals": int(evals), "nonfinite": True,
+        }
+
+    def summarize(self, rows: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        n = len(rows["a_star"])
+        if n == 0:
+            return {}
+        ok = ~rows["nonfinite"].astype(bool)
+        h = rows["height"][ok]
+        return {
+            "pairs": n,
+            "convex_interior_fraction": float(np.mean(rows["convex_interior"][ok])) if ok.any() else float("nan"),
+            "convex_fraction": float(np.mean(rows["convex"][ok])) if ok.any() else float("nan"),
+            "interior_fraction": float(np.mean(rows["interior"][ok])) if ok.any() else float("nan"),
+            "median_height": float(np.median(h)) if len(h) else float("nan"),
+            "median_a_star": float(np.median(rows["a_star"][ok])) if ok.any() else float("nan"),
+            "nonfinite_pairs": int((~ok).sum()),
+        }

@@ -1,0 +1,36 @@
+"""Interpolation curve: loss and accuracy at θ(a) = θ_t + a·(θ_{t+1} − θ_t) on a grid of a."""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..metric import Metric
+from ..options import parse_alphas
+
+__all__ = ["Interpolation"]
+
+
+class Interpolation(Metric):
+    """Columns: ``loss`` (len(alphas),), ``acc`` (len(alphas),). The grid is in the configuration."""
+
+    name = "interpolation"
+    version = 1
+    defaults = {"alphas": parse_alphas(None)}
+    description = "loss and accuracy along each update's segment"
+
+    def validate(self) -> None:
+        self.options["alphas"] = parse_alphas(self.options["alphas"])
+
+    def compute(self, ctx: Any, units: Sequence[tuple[int, ...]]) -> list[dict[str, Any]]:
+        al = self.options["alphas"]
+        curves = ctx.evaluate_segments([(u[0], al) for u in units])
+        return [{"loss": loss, "acc": acc} for loss, acc in curves]
+
+    def summarize(self, rows: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        loss = rows["loss"]
+        if len(loss) == 0:
+            return {}
+        with np.errstate(all="ignore"):
+            return {"nonfinite_pairs": int((~np.isfinite(loss)).any(axis=1).sum()),
+                    "median_loss_start": float(np.nanmedian(loss[:, 0])) if np.isfinite(loss[:, 0]).any() else float("nan")}

@@ -1,0 +1,179 @@
+"""Parsing of the analyzer's option strings (shared by the CLI and the Python API).
+
+* alphas: ``"0:1:21"`` (start:stop:count, both ends included), ``"-0.5:1.5:41"``, or a list ``"0,0.25,0.5,1"``.
+* steps:  ``"all"``; comma-separated items, each ``S`` (the pair leaving step S), ``A:B`` (pairs whose first
+  step is in [A, B)), or ``A:B:K`` (every K-th of those pairs); ``A`` or ``B`` may be empty (open).
+* spans:  ``"1"`` or ``"1,2,5"`` (positive integers, in records).
+* eval:   ``minibatch`` | ``subset:N`` | ``train`` | ``test``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .errors import AnalysisError
+
+__all__ = ["parse_alphas", "parse_steps", "parse_spans", "EvalSpec", "parse_eval", "select_pairs", "BN_POLICIES", "DTYPES", "LOSSES"]
+
+BN_POLICIES = ("train", "eval", "recompute")
+DTYPES = ("float32", "float64")
+LOSSES = ("cross_entropy", "mse")
+
+
+def _float(text: str, what: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise AnalysisError(f"{what}: {text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise AnalysisError(f"{what}: {text!r} is not finite")
+    return v
+
+
+def parse_alphas(value: str | Sequence[float] | None) -> list[float]:
+    """Grid of interpolation coefficients a (θ(a) = θ_t + a·(θ_{t+1} − θ_t)), sorted and unique."""
+    if value is None:
+        return [round(i / 20, 12) for i in range(21)]
+    if isinstance(value, str):
+        text = value.strip()
+        if ":" in text:
+            parts = text.split(":")
+            if len(parts) != 3:
+                raise AnalysisError(f"--alphas {value!r}: use start:stop:count (e.g. 0:1:21) or a comma list")
+            lo, hi = _float(parts[0], "--alphas"), _float(parts[1], "--alphas")
+            try:
+                n = int(parts[2])
+            except ValueError:
+                raise AnalysisError(f"--alphas {value!r}: count {parts[2]!r} is not an integer") from None
+            if n < 2 or not hi > lo:
+                raise AnalysisError(f"--alphas {value!r}: need stop > start and count >= 2")
+            vals = [float(v) for v in np.linspace(lo, hi, n)]
+        else:
+            vals = [_float(p, "--alphas") for p in text.split(",") if p.strip()]
+    else:
+        vals = [float(v) for v in value]
+    vals = sorted({round(v, 12) for v in vals})
+    if len(vals) < 2:
+        raise AnalysisError("--alphas: need at least two points")
+    if any(not math.isfinite(v) for v in vals):
+        raise AnalysisError("--alphas: values must be finite")
+    return vals
+
+
+def parse_spans(value: str | int | Sequence[int] | None) -> list[int]:
+    if value is None:
+        return [1]
+    if isinstance(value, int):
+        items = [value]
+    elif isinstance(value, str):
+        try:
+            items = [int(p) for p in value.split(",") if p.strip()]
+        except ValueError:
+            raise AnalysisError(f"--spans {value!r}: expected positive integers such as 1,2,5") from None
+    else:
+        items = [int(v) for v in value]
+    if not items or any(k < 1 for k in items):
+        raise AnalysisError(f"--spans {value!r}: spans are positive integers (records apart)")
+    return sorted(set(items))
+
+
+def parse_steps(value: str | Sequence[int] | None) -> list[tuple[int | None, int | None, int]] | list[int] | None:
+    """Return None for all pairs, else a list of items: ints (single steps) or (start, stop, every) tuples."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        return [int(v) for v in value]
+    text = value.strip()
+    if text in ("", "all", ":"):
+        return None
+    items: list = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if ":" in part:
+            bits = part.split(":")
+            if len(bits) > 3:
+                raise AnalysisError(f"--steps item {part!r}: use S, A:B or A:B:K")
+            try:
+                a = int(bits[0]) if bits[0].strip() else None
+                b = int(bits[1]) if bits[1].strip() else None
+                k = int(bits[2]) if len(bits) == 3 and bits[2].strip() else 1
+            except ValueError:
+                raise AnalysisError(f"--steps item {part!r}: bounds must be integers") from None
+            if k < 1:
+                raise AnalysisError(f"--steps item {part!r}: every-K must be >= 1")
+            items.append((a, b, k))
+        else:
+            try:
+                items.append(int(part))
+            except ValueError:
+                raise AnalysisError(f"--steps item {part!r}: expected a step number, A:B or A:B:K") from None
+    return items
+
+
+def select_pairs(steps: np.ndarray, spec) -> list[int]:
+    """Record indices i of the selected pairs (i, i+1), given the archive's steps and a parsed --steps."""
+    n_pairs = len(steps) - 1
+    if n_pairs < 1:
+        return []
+    starts = steps[:-1]
+    if spec is None:
+        return list(range(n_pairs))
+    chosen: set[int] = set()
+    for item in spec:
+        if isinstance(item, tuple):
+            a, b, k = item
+            idx = [i for i in range(n_pairs) if (a is None or starts[i] >= a) and (b is None or starts[i] < b)]
+            chosen.update(idx[::k])
+        else:
+            pos = np.nonzero(starts == item)[0]
+            if len(pos) == 0:
+                raise AnalysisError(f"--steps: no recorded pair starts at step {item} (steps run {int(steps[0])}..{int(steps[-1])})")
+            chosen.add(int(pos[0]))
+    return sorted(chosen)
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """Which data the loss is measured on."""
+
+    kind: str  # minibatch | subset | train | test
+    n: int = 0
+    seed: int = 0
+
+    def __str__(self) -> str:
+        return f"subset:{self.n}" if self.kind == "subset" else self.kind
+
+    def to_dict(self) -> dict:
+        d = {"kind": self.kind}
+        if self.kind == "subset":
+            d.update(n=self.n, seed=self.seed)
+        return d
+
+
+def parse_eval(value: str | EvalSpec | None, seed: int = 0) -> EvalSpec:
+    if isinstance(value, EvalSpec):
+        return value
+    text = (value or "").strip()
+    if text in ("minibatch", "train", "test"):
+        return EvalSpec(text)
+    if text.startswith("subset:"):
+        try:
+            n = int(text.split(":", 1)[1])
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise AnalysisError(f"--eval {value!r}: subset size must be a positive integer, e.g. subset:2000")
+        return EvalSpec("subset", n, int(seed))
+    raise AnalysisError(f"--eval {value!r}: expected minibatch, subset:N, train or test")
+
+
+def check_choice(value: str, choices: Iterable[str], flag: str) -> str:
+    choices = tuple(choices)
+    if value not in choices:
+        raise AnalysisError(f"{flag} {value!r}: expected one of {', '.join(choices)}")
+    return value
