@@ -54,12 +54,13 @@ def _options(pairs):
 @click.option("--data", default=None, help="Data spec overriding the archive's: zoo name or module:factory, optional JSON kwargs.")
 @click.option("--trust-specs", is_flag=True, help="Import model/data specs stored in the archive even if they are not sgdwalk's zoo.")
 @click.option("--option", "extra", multiple=True, metavar="KEY=VALUE", help="Metric option, e.g. height=max, convex_tol=0.02, barrier_tol=1e-3, xtol=1e-6.")
+@click.option("--k", "k", type=int, default=None, help="hessian_top: number of top eigenpairs (same as --option k=N).")
 @click.option("--subset-seed", type=int, default=0, show_default=True, help="Seed of the subset:N selection.")
 @click.option("--flush-seconds", type=float, default=2.0, show_default=True, help="Write results at least this often (atomic rewrite).")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
 @click.option("--quiet", "-q", "--no-progress", "quiet", is_flag=True, help="No progress bar (it is also off when stderr is not a terminal).")
 def analyze(archive, out, metrics, steps, alphas, eval_, bn, device, dtype, spans, loss, model, data, trust_specs, extra,
-            subset_seed, flush_seconds, as_json, quiet):
+            k, subset_seed, flush_seconds, as_json, quiet):
     """Replay pairs of consecutive records of ARCHIVE and measure the loss landscape along the SGD path."""
     from trajectory.analysis import DEFAULT_EVAL, analyze as run_analysis, format_summary
     from trajectory.analysis.summary import to_json
@@ -67,10 +68,13 @@ def analyze(archive, out, metrics, steps, alphas, eval_, bn, device, dtype, span
 
     names = [n.strip() for m in metrics for n in m.split(",") if n.strip()] or None
     try:
+        opts = _options(extra)
+        if k is not None:
+            opts["k"] = k
         report = run_analysis(
             archive, out, metrics=names, steps=steps, alphas=alphas, spans=spans, eval=eval_ or DEFAULT_EVAL, bn=bn,
             device=device, dtype=dtype, loss=loss, model=model, data=data, trust_specs=trust_specs,
-            options=_options(extra), subset_seed=subset_seed, flush_seconds=flush_seconds,
+            options=opts, subset_seed=subset_seed, flush_seconds=flush_seconds,
             progress=not quiet and sys.stderr.isatty(),
         )
     except SgdwalkError as err:

@@ -37,6 +37,10 @@ _BUILTIN = {
     "floor": "trajectory.analysis.metrics.floor:Floor",
     "geometry": "trajectory.analysis.metrics.geometry:Geometry",
     "barriers": "trajectory.analysis.metrics.barriers:Barriers",
+    "hessian_top": "trajectory.analysis.metrics.curvature:HessianTop",
+    "hessian_trace": "trajectory.analysis.metrics.curvature:HessianTrace",
+    "hessian_esd": "trajectory.analysis.metrics.curvature:HessianESD",
+    "sharpness": "trajectory.analysis.metrics.curvature:Sharpness",
 }
 _REGISTERED: dict[str, type] = {}
 

@@ -1,0 +1,328 @@
+"""Curvature metrics: top Hessian eigenvalues, Hessian trace, spectral density, sharpness.
+
+Each metric evaluates the curvature of the run's loss (same evaluation data, BatchNorm policy, loss, device and
+dtype as every other metric; ``--eval minibatch`` uses the pair's own minibatch) at one point per pair:
+
+* ``at: "record"`` (default) the state θ_i of the pair's first record;
+* ``at: "floor"``  the valley-floor point θ(a*) = θ_i + a*·(θ_{i+1} − θ_i) of the ``floor`` metric
+  (buffers interpolated too).
+
+All four declare ``requires = ("floor",)`` so that ``at: "floor"`` always has its rows; the floor rows are cheap
+next to curvature (tens of forward passes per pair against hundreds for curvature) and are stored as usual.
+
+Random vectors are drawn from a generator seeded by (``seed``, pair, metric), so a row does not depend on
+which other pairs run with it, and the same configuration gives the same numbers.
+
+``hessian_top``   columns ``eigenvalues`` (k,), ``residuals`` (k,) = ‖Hv − λv‖ (explicit), ``lambda_max``
+                  (= eigenvalues[0]), ``lr``, ``eos_ratio`` = λ_max·lr/2, ``loss``, ``a``, ``iters``,
+                  ``matvecs``, ``converged``; ``eigenvectors`` (k·n_params,) only with ``store_vectors``.
+``hessian_trace`` ``trace``, ``trace_se``, ``trace_per_param``, ``matvecs``, ``loss``, ``a``.
+``hessian_esd``   ``density`` (grid,), ``grid_lo``, ``grid_hi``, ``sigma``, ``nodes`` and ``weights``
+                  (esd_probes·esd_iters,; NaN/0 padding), ``moment1``, ``moment2`` (of the quadrature,
+                  estimates of tr(H)/n and tr(H²)/n), ``ritz_min``, ``ritz_max``, ``matvecs``, ``a``.
+``sharpness``     ``loss``, ``eps_sharpness`` (Keskar, percent), ``eps_increase``, ``gauss_increase``,
+                  ``gauss_se``, ``lambda_max``, ``lambda_residual``, ``lr``, ``eos_ratio``, ``a``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from ..curvature.linalg import gaussian_density, hutchinson, hutchpp, slq, top_eigen
+from ..curvature.objective import HVP_MODES, OPERATORS, objective_for
+from ..curvature.sharpness import eps_sharpness, gaussian_increase
+from ..errors import AnalysisError
+from ..metric import Metric
+
+__all__ = ["HessianTop", "HessianTrace", "HessianESD", "Sharpness"]
+
+_COMMON = {"at": "record", "seed": 0, "hvp": "rev", "operator": "hessian"}
+_BLOCK = 8  # vectors per batched HVP pass
+
+
+def _int(o: dict, key: str, lo: int = 1) -> None:
+    try:
+        v = int(o[key])
+    except (TypeError, ValueError):
+        raise AnalysisError(f"option {key}={o[key]!r} is not an integer") from None
+    if v < lo or v != float(o[key]):
+        raise AnalysisError(f"option {key}={o[key]!r}: expected an integer >= {lo}")
+    o[key] = v
+
+
+def _pos(o: dict, key: str, allow_zero: bool = False) -> None:
+    try:
+        v = float(o[key])
+    except (TypeError, ValueError):
+        raise AnalysisError(f"option {key}={o[key]!r} is not a number") from None
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        raise AnalysisError(f"option {key}={o[key]!r}: expected a {'non-negative' if allow_zero else 'positive'} number")
+    o[key] = v
+
+
+def _choice(o: dict, key: str, choices: Sequence[str]) -> None:
+    if o[key] not in choices:
+        raise AnalysisError(f"option {key}={o[key]!r}: expected one of {', '.join(choices)}")
+
+
+class _Curvature(Metric):
+    requires = ("floor",)
+    tag = 0
+
+    def validate(self) -> None:
+        o = self.options
+        _choice(o, "at", ("record", "floor"))
+        _choice(o, "hvp", HVP_MODES)
+        _choice(o, "operator", OPERATORS)
+        _int(o, "seed", 0)
+
+    def generator(self, pair: int) -> torch.Generator:
+        s = np.random.SeedSequence([int(self.options["seed"]), int(pair), self.tag]).generate_state(2)
+        return torch.Generator().manual_seed(int(s[0]) << 32 | int(s[1]))
+
+    def points(self, ctx: Any, units: Sequence[tuple[int, ...]]) -> list[tuple[torch.Tensor | None, float]]:
+        """(state, a) per unit; state None where the floor is not finite."""
+        pairs = [u[0] for u in units]
+        if self.options["at"] == "record":
+            return [(ctx.state(p), 0.0) for p in pairs]
+        a_star = np.asarray(ctx.rows("floor", pairs)["a_star"], dtype=np.float64)
+        out = []
+        for p, a in zip(pairs, a_star):
+            out.append((ctx.segment(p, [float(a)])[0], float(a)) if math.isfinite(a) else (None, float("nan")))
+        return out
+
+    def objective(self, ctx: Any, state: torch.Tensor | None, pair: int):
+        if state is None or not bool(torch.isfinite(state).all()):
+            return None
+        return objective_for(ctx, state, pair, hvp=self.options["hvp"], operator=self.options["operator"])
+
+    def compute(self, ctx: Any, units: Sequence[tuple[int, ...]]) -> list[dict[str, Any]]:
+        rows = []
+        for u, (state, a) in zip(units, self.points(ctx, units)):
+            obj = self.objective(ctx, state, u[0])
+            row = None
+            if obj is not None:
+                p = state[: ctx.n_params].detach()
+                row = self.compute_one(ctx, u[0], obj, p, state, a)
+            rows.append(row if row is not None else self.nan_row(ctx, a))
+        return rows
+
+    def compute_one(self, ctx, pair, obj, p, state, a) -> dict[str, Any] | None:
+        raise NotImplementedError
+
+    def nan_row(self, ctx, a: float) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def _med(x) -> float:
+    x = np.asarray(x, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    return float(np.median(x)) if len(x) else float("nan")
+
+
+class HessianTop(_Curvature):
+    name = "hessian_top"
+    version = 1
+    tag = 1
+    defaults = {**_COMMON, "k": 1, "iters": 100, "tol": 1e-4, "eig_method": "lanczos", "eig_which": "LA",
+                "store_vectors": False}
+    description = "top-k Hessian eigenvalues by Lanczos, residuals, edge-of-stability ratio"
+
+    def validate(self) -> None:
+        super().validate()
+        o = self.options
+        _int(o, "k")
+        _int(o, "iters")
+        _pos(o, "tol")
+        _choice(o, "eig_method", ("lanczos", "power"))
+        _choice(o, "eig_which", ("LA", "LM"))
+        o["store_vectors"] = bool(o["store_vectors"])
+
+    def compute_one(self, ctx, pair, obj, p, state, a):
+        o = self.options
+        k = min(o["k"], p.numel())
+        r = top_eigen(obj.matmat(p, _BLOCK), p.numel(), k, iters=o["iters"], tol=o["tol"], which=o["eig_which"],
+                      gen=self.generator(pair), like=p, method=o["eig_method"])
+        lr = ctx.lr(pair)
+        lam = float(r.values[0])
+        row = {
+            "eigenvalues": np.pad(r.values, (0, o["k"] - k), constant_values=np.nan),
+            "residuals": np.pad(r.residuals, (0, o["k"] - k), constant_values=np.nan),
+            "lambda_max": lam, "lr": lr, "eos_ratio": lam * lr / 2.0, "loss": obj.loss(p), "a": a,
+            "iters": int(r.iters), "matvecs": int(r.matvecs), "converged": bool(r.converged),
+        }
+        if o["store_vectors"]:
+            vec = torch.full((o["k"], p.numel()), float("nan"), dtype=torch.float64)
+            vec[:k] = r.vectors.detach().double().cpu()
+            row["eigenvectors"] = vec.reshape(-1).numpy()
+        return row
+
+    def nan_row(self, ctx, a):
+        k, nan = self.options["k"], float("nan")
+        row = {"eigenvalues": np.full(k, nan), "residuals": np.full(k, nan), "lambda_max": nan, "lr": nan,
+               "eos_ratio": nan, "loss": nan, "a": a, "iters": 0, "matvecs": 0, "converged": False}
+        if self.options["store_vectors"]:
+            row["eigenvectors"] = np.full(k * ctx.n_params, nan)
+        return row
+
+    def summarize(self, rows: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        lam = np.asarray(rows.get("lambda_max", []), dtype=np.float64)
+        if len(lam) == 0:
+            return {}
+        return {"pairs": len(lam), "median_lambda_max": _med(lam), "max_lambda_max": float(np.nanmax(lam)) if np.isfinite(lam).any() else float("nan"),
+                "median_eos_ratio": _med(rows["eos_ratio"]), "converged_fraction": float(np.mean(rows["converged"]))}
+
+
+class HessianTrace(_Curvature):
+    name = "hessian_trace"
+    version = 1
+    tag = 2
+    defaults = {**_COMMON, "trace_method": "hutch++", "probes": 30}
+    description = "Hessian trace by Hutch++ (or Hutchinson) with its standard error"
+
+    def validate(self) -> None:
+        super().validate()
+        _choice(self.options, "trace_method", ("hutchinson", "hutch++"))
+        _int(self.options, "probes", 3 if self.options["trace_method"] == "hutch++" else 2)
+
+    def compute_one(self, ctx, pair, obj, p, state, a):
+        o = self.options
+        mm, g = obj.matmat(p, _BLOCK), self.generator(pair)
+        if o["trace_method"] == "hutchinson":
+            tr, se, _ = hutchinson(mm, p.numel(), o["probes"], gen=g, like=p, block=_BLOCK)
+            mv = o["probes"]
+        else:
+            tr, se, mv = hutchpp(mm, p.numel(), o["probes"], gen=g, like=p, block=_BLOCK)
+        return {"trace": tr, "trace_se": se, "trace_per_param": tr / p.numel(), "matvecs": int(mv),
+                "loss": obj.loss(p), "a": a}
+
+    def nan_row(self, ctx, a):
+        nan = float("nan")
+        return {"trace": nan, "trace_se": nan, "trace_per_param": nan, "matvecs": 0, "loss": nan, "a": a}
+
+    def summarize(self, rows):
+        tr = rows.get("trace", [])
+        return {"pairs": len(tr), "median_trace": _med(tr), "median_trace_se": _med(rows["trace_se"])} if len(tr) else {}
+
+
+def _parse_grid(value) -> tuple[int, float | None, float | None]:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        n, lo, hi = int(value), None, None
+    elif isinstance(value, str) and ":" in value:
+        parts = value.split(":")
+        try:
+            lo, hi, n = float(parts[0]), float(parts[1]), int(parts[2])
+        except (ValueError, IndexError):
+            raise AnalysisError(f"esd_grid {value!r}: use a point count or lo:hi:count") from None
+        if len(parts) != 3 or not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+            raise AnalysisError(f"esd_grid {value!r}: use a point count or lo:hi:count with hi > lo")
+    else:
+        try:
+            n, lo, hi = int(value), None, None
+        except (TypeError, ValueError):
+            raise AnalysisError(f"esd_grid {value!r}: use a point count or lo:hi:count") from None
+    if n < 2:
+        raise AnalysisError(f"esd_grid {value!r}: need at least 2 points")
+    return n, lo, hi
+
+
+class HessianESD(_Curvature):
+    name = "hessian_esd"
+    version = 1
+    tag = 3
+    defaults = {**_COMMON, "esd_probes": 3, "esd_iters": 40, "esd_grid": 201, "esd_width": 0.01, "esd_sigma": 0.0}
+    description = "Hessian eigenvalue density by stochastic Lanczos quadrature (Gaussian broadening)"
+
+    def validate(self) -> None:
+        super().validate()
+        o = self.options
+        _int(o, "esd_probes")
+        _int(o, "esd_iters")
+        _pos(o, "esd_width")
+        _pos(o, "esd_sigma", allow_zero=True)
+        _parse_grid(o["esd_grid"])
+
+    def compute_one(self, ctx, pair, obj, p, state, a):
+        o = self.options
+        it = min(o["esd_iters"], p.numel())
+        nodes, weights, mv = slq(obj.matmat(p, _BLOCK), p.numel(), o["esd_probes"], it, gen=self.generator(pair), like=p)
+        if it < o["esd_iters"]:
+            pad = o["esd_iters"] - it
+            nodes = np.pad(nodes, ((0, 0), (0, pad)), constant_values=np.nan)
+            weights = np.pad(weights, ((0, 0), (0, pad)))
+        if not np.isfinite(nodes[weights > 0]).all():
+            return None
+        n_grid, lo, hi = _parse_grid(o["esd_grid"])
+        tmin, tmax = float(np.nanmin(nodes)), float(np.nanmax(nodes))
+        span = max(tmax - tmin, 1e-12 * max(abs(tmin), abs(tmax), 1e-300))
+        sigma = o["esd_sigma"] if o["esd_sigma"] > 0 else o["esd_width"] * span
+        if lo is None:
+            lo, hi = tmin - 5 * sigma, tmax + 5 * sigma
+        grid = np.linspace(lo, hi, n_grid)
+        dens = gaussian_density(nodes, weights, grid, sigma)
+        th = np.nan_to_num(nodes)
+        m1 = float(np.mean((weights * th).sum(1)))
+        m2 = float(np.mean((weights * th * th).sum(1)))
+        return {"density": dens, "grid_lo": float(lo), "grid_hi": float(hi), "sigma": float(sigma),
+                "nodes": nodes.reshape(-1), "weights": weights.reshape(-1), "moment1": m1, "moment2": m2,
+                "ritz_min": tmin, "ritz_max": tmax, "matvecs": int(mv), "a": a}
+
+    def nan_row(self, ctx, a):
+        o, nan = self.options, float("nan")
+        n_grid = _parse_grid(o["esd_grid"])[0]
+        m = o["esd_probes"] * o["esd_iters"]
+        return {"density": np.full(n_grid, nan), "grid_lo": nan, "grid_hi": nan, "sigma": nan, "nodes": np.full(m, nan),
+                "weights": np.zeros(m), "moment1": nan, "moment2": nan, "ritz_min": nan, "ritz_max": nan, "matvecs": 0, "a": a}
+
+    def summarize(self, rows):
+        m1 = rows.get("moment1", [])
+        return {"pairs": len(m1), "median_moment1": _med(m1), "median_ritz_max": _med(rows["ritz_max"])} if len(m1) else {}
+
+
+class Sharpness(_Curvature):
+    name = "sharpness"
+    version = 1
+    tag = 4
+    defaults = {**_COMMON, "eps": 1e-3, "ascent_steps": 10, "noise_scale": 0.01, "noise_draws": 8, "iters": 100, "tol": 1e-4}
+    description = "Keskar ε-sharpness, Gaussian-perturbation loss increase, λ_max and the edge-of-stability ratio"
+
+    def validate(self) -> None:
+        super().validate()
+        o = self.options
+        _pos(o, "eps")
+        _int(o, "ascent_steps", 0)
+        _pos(o, "noise_scale", allow_zero=True)
+        _int(o, "noise_draws", 1)
+        _int(o, "iters")
+        _pos(o, "tol")
+
+    def compute_one(self, ctx, pair, obj, p, state, a):
+        o = self.options
+        g = self.generator(pair)
+        keskar, inc, base = eps_sharpness(obj.loss_grad, obj.loss, p, o["eps"], o["ascent_steps"], gen=g)
+
+        def losses_at(P: torch.Tensor) -> np.ndarray:
+            states = state.unsqueeze(0).repeat(P.shape[0], 1)
+            states[:, : ctx.n_params] = P.to(states.dtype)
+            return ctx.evaluate(states, pair)[0]
+
+        base_eval = float(ctx.evaluate(state.unsqueeze(0), pair)[0][0])
+        gi, gse = gaussian_increase(losses_at, p, o["noise_scale"], o["noise_draws"], base_eval, gen=g)
+        r = top_eigen(obj.matmat(p, _BLOCK), p.numel(), 1, iters=o["iters"], tol=o["tol"], which="LA", gen=g, like=p)
+        lr = ctx.lr(pair)
+        lam = float(r.values[0])
+        return {"loss": base, "eps_sharpness": keskar, "eps_increase": inc, "gauss_increase": gi, "gauss_se": gse,
+                "lambda_max": lam, "lambda_residual": float(r.residuals[0]), "lr": lr, "eos_ratio": lam * lr / 2.0, "a": a}
+
+    def nan_row(self, ctx, a):
+        nan = float("nan")
+        return {k: nan for k in ("loss", "eps_sharpness", "eps_increase", "gauss_increase", "gauss_se", "lambda_max",
+                                 "lambda_residual", "lr", "eos_ratio")} | {"a": a}
+
+    def summarize(self, rows):
+        s = rows.get("eps_sharpness", [])
+        return {"pairs": len(s), "median_eps_sharpness": _med(s), "median_gauss_increase": _med(rows["gauss_increase"]),
+                "median_eos_ratio": _med(rows["eos_ratio"])} if len(s) else {}
