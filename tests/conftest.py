@@ -1,9 +1,20 @@
 """Shared fixtures: tiny models and hand-written SGD loops, so archive tests need no dataset package."""
 from __future__ import annotations
 
+import os
+
+# The suite runs tiny models, many processes (DDP/torchrun tests, SIGKILL tests) and CI machines with
+# 2 cores: OpenMP's spinning threads make 2-thread torch up to 100x slower when another process holds
+# the other core. One thread per process keeps the suite fast and its timings stable; subprocesses
+# inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
 import torch
+
+torch.set_num_threads(1)
 
 
 def make_mlp(batchnorm: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
