@@ -164,14 +164,20 @@ def _make_codecs() -> dict[str, Codec]:
     for lossy in ("bf16", "fp16"):
         out[f"{lossy}-blosc-zstd-bit"] = Codec(f"{lossy}-blosc-zstd-bit", lossy, "blosc-zstd-bit")
         out[f"{lossy}-xor-blosc-zstd-bit"] = Codec(f"{lossy}-xor-blosc-zstd-bit", f"{lossy}-xor", "blosc-zstd-bit")
+    # Level variants "<transform>-<filter>-l<level>" (the names above use the filter's default
+    # level: Blosc/Blosc2 clevel 5, which for zstd inside Blosc means zstd level 9). Blosc2 +
+    # byte shuffle + zstd at clevel 1 compresses XOR-ed SGD rows as well as clevel 5 at about 4x
+    # the speed (benchmarks/bench_codecs.py --levels; docs/performance.md).
+    out["xor-blosc2-zstd-byte-l1"] = Codec("xor-blosc2-zstd-byte-l1", "xor", "blosc2-zstd-byte", 1)
     return out
 
 
 CODECS: dict[str, Codec] = _make_codecs()
 
 #: Lossless default, picked by benchmarks/bench_codecs.py (ratio and single-core MB/s on real
-#: MNIST-1D and CNN trajectories; see docs/performance.md).
-DEFAULT_CODEC = "xor-blosc-zstd-bit"
+#: MNIST-1D and CNN trajectories; see docs/performance.md): the only lossless codec measured at
+#: >= 1.5x on every trajectory (1.51-1.78x) while writing >= 300 MB/s on one core (~500-600 MB/s).
+DEFAULT_CODEC = "xor-blosc2-zstd-byte-l1"
 
 #: Codec of the small bookkeeping datasets (steps, batch indices, scalars).
 META_FILTER = "zstd"
