@@ -51,6 +51,12 @@ __all__ = ["Recorder"]
 
 _CLOSE = object()
 
+# Batch indices and scalars of steps that store no record travel to the writer thread in bundles
+# of up to this many queue items or this age (seconds), so that sparse schedules do not wake the
+# writer on every step; a step that stores a record hands everything over at once.
+_BUNDLE_ITEMS = 256
+_BUNDLE_SECONDS = 0.05
+
 
 def _spec_json(spec: Any) -> str:
     """A model/data spec (Spec, "module:factory" text, or (target, kwargs)) as canonical JSON."""
@@ -131,8 +137,11 @@ class Recorder:
         Store every step's minibatch indices, not only those leaving a recorded state.
     flush_interval : float
         Seconds between flushes of partial chunks: at most this much is lost if the process dies.
-    slots : int
-        Records in flight between the training loop and the writer thread (memory bound).
+    slots : int, optional
+        Records in flight between the training loop and the writer thread (memory bound). The
+        default sizes the pool to absorb the writer's pause while it compresses a whole chunk
+        (twice the chunk's rows) within 16 MiB of host memory, and never below 4 (so models of
+        more than ~1 M parameters keep 4 slots; small, fast models get up to 128).
     start_step : int, optional
         Step count of the model's current state (default 0, or the archive's last step when appending).
     """
@@ -154,7 +163,7 @@ class Recorder:
         record_buffers: bool = True,
         all_indices: bool = False,
         flush_interval: float = 10.0,
-        slots: int = 4,
+        slots: int | None = None,
         chunk_rows: int | None = None,
         locking: bool | None = None,
         start_step: int | None = None,
@@ -199,9 +208,13 @@ class Recorder:
         self._cuda = self._device is not None and self._device.type == "cuda"
         self._staging: dict[str, torch.Tensor] = {}
         self._free: queue.Queue[_Slot] = queue.Queue()
+        if slots is None:
+            slots = self._default_slots()
         for _ in range(max(1, slots)):
             self._free.put(_Slot(self.layout, pin=self._cuda))
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=4096)
+        self._pending: list[tuple] = []  # this thread's items not yet handed to the writer
+        self._pending_since = 0.0
         self._error: BaseException | None = None
         self._staged: dict[str, Any] = {}
         self._hook = None
@@ -242,16 +255,22 @@ class Recorder:
             lr = self.optimizer.param_groups[0].get("lr")
             if lr is not None:
                 scalars["lr"] = lr
+        # One hand-over to the writer per recorded step (bundled for steps without a record).
+        items: list[tuple] = []
         if batch_indices is not None and (self.all_indices or self._last_recorded == source):
             if isinstance(batch_indices, torch.Tensor):
                 batch_indices = batch_indices.detach().to("cpu", non_blocking=False).numpy()
-            self._put(("batch", source, np.asarray(batch_indices, dtype=np.int64).copy()))
+            items.append(("batch", source, np.asarray(batch_indices, dtype=np.int64).copy()))
         if scalars:
-            self._put(("scalars", source, {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in scalars.items()}))
-        if self.step in self.schedule:
-            self._snapshot()
-            return True
-        return False
+            items.append(("scalars", source, {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in scalars.items()}))
+        if self.step not in self.schedule:
+            self._put_items(items)
+            return False
+        try:
+            items.append(self._snapshot(put=False))
+        finally:  # batch and scalars are queued even if the snapshot raises
+            self._put_items(items, now=True)
+        return True
 
     def stage(self, batch_indices: Any = None, **scalars: Any) -> None:
         """Give the batch indices / scalars of the coming step to the hook installed by :meth:`attach`."""
@@ -291,6 +310,10 @@ class Recorder:
         self._closed = True
         self.detach()
         if self._thread.is_alive():
+            try:
+                self._send_pending()
+            except RecorderError:
+                pass  # the writer failed; its error is raised below
             self._queue.put(_CLOSE)
             self._thread.join()
         if self._error is not None:
@@ -341,7 +364,7 @@ class Recorder:
             ) from None
         self._refs = self._tensor_refs()
 
-    def _snapshot(self) -> None:
+    def _snapshot(self, put: bool = True) -> tuple:
         self._check_structure()
         slot = self._take_slot()
         with torch.no_grad():
@@ -356,8 +379,9 @@ class Recorder:
                         staging = self._staging[d] = torch.empty(flat.shape, dtype=flat.dtype, device=self._device)
                     torch.cat([p.detach().reshape(-1).to(flat.dtype) for p in parts], out=staging)
                     flat.copy_(staging, non_blocking=True)
-                elif self._device is not None:
-                    torch.cat([p.detach().reshape(-1).to(flat.dtype) for p in parts], out=flat)
+                elif self._device is not None:  # no_grad: reshape needs no detach; cast only if needed
+                    dt = flat.dtype
+                    torch.cat([p.reshape(-1) if p.dtype == dt else p.reshape(-1).to(dt) for p in parts], out=flat)
                 else:  # tensors on several devices (model parallel): gather piece by piece
                     torch.cat([p.detach().reshape(-1).to("cpu", flat.dtype) for p in parts], out=flat)
             if self._cuda:
@@ -366,7 +390,32 @@ class Recorder:
         slot.step, slot.time = self.step, time.time()
         self._last_recorded = self.step
         self.n_recorded += 1
-        self._put(("record", slot))
+        item = ("record", slot)
+        if put:
+            self._put(item)
+        return item
+
+    def _default_slots(self) -> int:
+        """Twice a chunk's rows (the writer pauses to compress a whole chunk), capped at 16 MiB, >= 4."""
+        row_bytes = sum(self.layout.sizes[d] * self.layout.storage_dtype(d).itemsize for d in ROW_DATASETS)
+        store = self._writer.rows.get(PARAMS)
+        chunk_rows = store.chunk_rows if store is not None else 4
+        return max(4, min(2 * chunk_rows, (16 << 20) // max(1, row_bytes)))
+
+    def _put_items(self, items: list, now: bool = False) -> None:
+        """Queue one step's items; those of steps without a record may wait to travel in a bundle."""
+        if items and not self._pending:
+            self._pending_since = time.monotonic()
+        self._pending.extend(items)
+        if now or len(self._pending) >= _BUNDLE_ITEMS or time.monotonic() - self._pending_since >= _BUNDLE_SECONDS:
+            self._send_pending()
+
+    def _send_pending(self) -> None:
+        items, self._pending = self._pending, []
+        if len(items) == 1:
+            self._put_raw(items[0])
+        elif items:
+            self._put_raw(("many", items))
 
     def _take_slot(self) -> _Slot:
         while True:  # back-pressure: wait for the writer, but notice if it died
@@ -378,6 +427,11 @@ class Recorder:
                     raise RecorderError(f"the writer thread of {self.path} stopped; the archive holds the records flushed so far")
 
     def _put(self, item: Any) -> None:
+        if self._pending:  # keep the order in which items were produced
+            self._send_pending()
+        self._put_raw(item)
+
+    def _put_raw(self, item: Any) -> None:
         while True:
             try:
                 self._queue.put(item, timeout=0.5)
@@ -405,17 +459,11 @@ class Recorder:
                     break
                 if item is not None:
                     kind = item[0]
-                    if kind == "record":
-                        slot = item[1]
-                        if slot.event is not None:
-                            slot.event.synchronize()
-                        rows = {d: slot.rows[d].numpy() for d in w.rows}
-                        w.add_record(slot.step, rows, slot.time)
-                        self._free.put(slot)
-                    elif kind == "batch":
-                        w.add_batch(item[1], item[2])
-                    elif kind == "scalars":
-                        w.add_scalars(item[1], {k: float(v) for k, v in item[2].items()})
+                    if kind == "many":
+                        for sub in item[1]:
+                            self._write_item(w, sub)
+                    elif kind in ("record", "batch", "scalars"):
+                        self._write_item(w, item)
                     elif kind == "attrs":
                         pending_attrs.update(item[1])
                     elif kind == "flush":
@@ -442,6 +490,20 @@ class Recorder:
                     self._queue.get_nowait()
                 except queue.Empty:
                     break
+
+    def _write_item(self, w: ArchiveWriter, item: tuple) -> None:
+        kind = item[0]
+        if kind == "record":
+            slot = item[1]
+            if slot.event is not None:
+                slot.event.synchronize()
+            rows = {d: slot.rows[d].numpy() for d in w.rows}
+            w.add_record(slot.step, rows, slot.time)
+            self._free.put(slot)
+        elif kind == "batch":
+            w.add_batch(item[1], item[2])
+        else:  # scalars
+            w.add_scalars(item[1], {k: float(v) for k, v in item[2].items()})
 
     def _write_attrs(self, attrs: dict[str, Any]) -> None:
         if not attrs:

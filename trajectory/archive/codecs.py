@@ -11,7 +11,7 @@ A codec is two independent stages:
 2. an HDF5 *filter* from hdf5plugin (Blosc/Blosc2 with byte- or bit-shuffle, LZ4 or zstd), so a
    plain ``h5py`` + ``hdf5plugin`` reader can decompress every chunk.
 
-Codec names are ``"<transform>-<filter>"`` such as ``"xor-blosc-lz4-bit"``; :data:`DEFAULT_CODEC`
+Codec names are ``"<transform>-<filter>[-l<level>]"`` such as ``"xor-blosc2-zstd-byte-l1"``; :data:`DEFAULT_CODEC`
 is the lossless scheme chosen by ``benchmarks/bench_codecs.py`` on real trajectories (see
 docs/performance.md).
 """
