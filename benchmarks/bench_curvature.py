@@ -119,7 +119,7 @@ def main():
         ds = synthetic(split="train", num_samples=1024 if big else (64 if args.quick else 128))
         xc, yc = ds.tensors
         bench("CNN width 128 (CIFAR-shaped)", cnn(in_channels=3, input_dim=2, width=128), xc.float(), yc,
-              256 if big else 32, device, max(1, reps // 2) if not big else reps, 30 if big else 10)
+              256 if big else 32, device, max(1, reps // 2) if not big else reps, 60 if big else (10 if args.quick else 80))
 
 
 if __name__ == "__main__":

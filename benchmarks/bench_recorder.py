@@ -41,53 +41,7 @@ GOAL = 1.05
 
 
 # ---------------------------------------------------------------------------------- models and data
-def make_mlp() -> torch.nn.Module:
-    try:
-        from trajectory.zoo.models import mlp
-
-        return mlp(in_features=40, num_classes=10, hidden=(100, 100))
-    except ImportError:
-        return torch.nn.Sequential(
-            torch.nn.Flatten(), torch.nn.Linear(40, 100), torch.nn.ReLU(),
-            torch.nn.Linear(100, 100), torch.nn.ReLU(), torch.nn.Linear(100, 10),
-        )
-
-
-def make_cnn() -> torch.nn.Module:
-    try:
-        from trajectory.zoo.models import cnn
-
-        return cnn(in_channels=3, num_classes=10, input_dim=2, width=128)
-    except ImportError:
-        w, layers, ch = 128, [], [3, 128, 256, 512]
-        for s in range(3):
-            layers += [torch.nn.Conv2d(ch[s], ch[s + 1], 3, padding=1), torch.nn.ReLU(inplace=True)]
-            layers.append(torch.nn.MaxPool2d(2) if s < 2 else torch.nn.AdaptiveAvgPool2d(1))
-        return torch.nn.Sequential(*layers, torch.nn.Flatten(), torch.nn.Linear(4 * w, 10))
-
-
-def mnist1d_train() -> tuple[torch.Tensor, torch.Tensor]:
-    try:
-        from trajectory.zoo.data import mnist1d
-
-        return mnist1d(split="train").tensors
-    except ImportError:
-        import mnist1d as m1d
-
-        d = m1d.make_dataset(m1d.get_dataset_args())
-        return torch.as_tensor(d["x"], dtype=torch.float32), torch.as_tensor(d["y"], dtype=torch.int64)
-
-
-def cifar_shaped(n: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
-    try:
-        from trajectory.zoo.data import synthetic
-
-        return synthetic(split="train", num_samples=n, input_shape=(3, 32, 32), seed=0).tensors
-    except ImportError:
-        g = torch.Generator().manual_seed(0)
-        means = 0.5 * torch.randn(10, 3, 32, 32, generator=g)
-        y = torch.randint(0, 10, (n,), generator=g)
-        return means[y] + torch.randn(n, 3, 32, 32, generator=g), y
+from _workloads import cifar_shaped, make_cnn, make_mlp, mnist1d_train  # noqa: E402  (shared with the other benchmarks)
 
 
 # ---------------------------------------------------------------------------------- shared-machine guard

@@ -272,6 +272,11 @@ class Recorder:
             self._put_items(items, now=True)
         return True
 
+    @property
+    def last_recorded_step(self) -> int | None:
+        """Step of the most recent stored state (None before the first); decides which updates keep indices."""
+        return self._last_recorded
+
     def stage(self, batch_indices: Any = None, **scalars: Any) -> None:
         """Give the batch indices / scalars of the coming step to the hook installed by :meth:`attach`."""
         if batch_indices is not None:

@@ -167,7 +167,7 @@ class DistributedRecorder:
                 error = err
         state = torch.tensor([-1, -1, -1, 0], dtype=torch.int64)
         if self.recorder is not None:
-            last = self.recorder._last_recorded  # the recorder's own bookkeeping: mirrored on every rank
+            last = self.recorder.last_recorded_step  # mirrored on every rank
             state = torch.tensor([1, self.recorder.step, -1 if last is None else last, self.recorder.n_recorded], dtype=torch.int64)
         if self.distributed:
             state = state.to(self.device)
