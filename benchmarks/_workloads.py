@@ -1,4 +1,4 @@
-"""The models and data every archive benchmark uses, from sgdwalk's zoo, so all scripts measure the same work."""
+"""What the archive benchmarks share: the models and data they measure (from sgdwalk's zoo) and table output."""
 from __future__ import annotations
 
 import torch
@@ -24,3 +24,16 @@ def mnist1d_train() -> tuple[torch.Tensor, torch.Tensor]:
 def cifar_shaped(n: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     """Generated CIFAR-shaped class clusters (no files needed)."""
     return synthetic(split="train", num_samples=n, input_shape=(3, 32, 32), seed=0).tensors
+
+
+def fmt_row(cols, widths) -> str:
+    return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cols, widths)))
+
+
+def print_table(title: str, header, rows) -> None:
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
+    print(f"\n{title}")
+    print(fmt_row(header, widths))
+    print(fmt_row(["-" * w for w in widths], widths))
+    for r in rows:
+        print(fmt_row(r, widths))

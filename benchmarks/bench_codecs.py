@@ -58,7 +58,7 @@ GOAL_MBPS = 300.0
 
 
 # ---------------------------------------------------------------------------------- models and data
-from _workloads import cifar_shaped, make_cnn, make_mlp, mnist1d_train  # noqa: E402  (shared with the other benchmarks)
+from _workloads import cifar_shaped, make_cnn, make_mlp, mnist1d_train, print_table  # noqa: E402  (shared with the other benchmarks)
 
 
 # ---------------------------------------------------------------------------------- trajectories
@@ -229,19 +229,6 @@ def naive_rows_per_s(path: str, run: Run, codec: Codec, n_rows: int, budget_s: f
 
 
 # ---------------------------------------------------------------------------------- output
-def fmt_row(cols, widths) -> str:
-    return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cols, widths)))
-
-
-def print_table(title: str, header, rows) -> None:
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
-    print(f"\n{title}")
-    print(fmt_row(header, widths))
-    print(fmt_row(["-" * w for w in widths], widths))
-    for r in rows:
-        print(fmt_row(r, widths))
-
-
 def level_variants() -> dict[str, Codec]:
     """Compression-level variants ``xor-<filter>@<level>``, registered for this process only.
 

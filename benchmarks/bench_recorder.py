@@ -41,7 +41,7 @@ GOAL = 1.05
 
 
 # ---------------------------------------------------------------------------------- models and data
-from _workloads import cifar_shaped, make_cnn, make_mlp, mnist1d_train  # noqa: E402  (shared with the other benchmarks)
+from _workloads import cifar_shaped, make_cnn, make_mlp, mnist1d_train, print_table  # noqa: E402  (shared with the other benchmarks)
 
 
 # ---------------------------------------------------------------------------------- shared-machine guard
@@ -162,19 +162,6 @@ def compare(s: Setup, threads: int, trials: int, variants: dict, opts: dict, tmp
                      [r[0] / x[0] for (r, _), (x, _) in zip(runs[name], runs["base"])],
         }
     return out
-
-
-def fmt_row(cols, widths) -> str:
-    return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cols, widths)))
-
-
-def print_table(title: str, header, rows) -> None:
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(header)]
-    print(f"\n{title}")
-    print(fmt_row(header, widths))
-    print(fmt_row(["-" * w for w in widths], widths))
-    for r in rows:
-        print(fmt_row(r, widths))
 
 
 def main(argv=None) -> int:

@@ -6,18 +6,8 @@ __version__ = "0.1.0"
 
 from .archive.layout import Layout  # noqa: E402
 from .archive.reader import Pair, Trajectory  # noqa: E402
-from .errors import (  # noqa: E402
-    ArchiveError,
-    ArchiveExistsError,
-    ArchiveFormatError,
-    ArchiveVersionError,
-    DataNotFoundError,
-    LayoutMismatchError,
-    RecorderError,
-    SgdwalkError,
-    SpecError,
-    UntrustedSpecError,
-)
+from .errors import *  # noqa: E402,F401,F403  (every sgdwalk exception is public)
+from .errors import __all__ as _error_names  # noqa: E402
 from .recorder import Recorder  # noqa: E402
 from .samplers import RecordingBatchSampler, record_indices  # noqa: E402
 from .schedules import Every, Pairs, Schedule, Steps, Union, Windows, parse_schedule  # noqa: E402
@@ -37,14 +27,5 @@ __all__ = [
     "Windows",
     "Union",
     "parse_schedule",
-    "SgdwalkError",
-    "ArchiveError",
-    "ArchiveFormatError",
-    "ArchiveVersionError",
-    "ArchiveExistsError",
-    "LayoutMismatchError",
-    "RecorderError",
-    "SpecError",
-    "UntrustedSpecError",
-    "DataNotFoundError",
+    *_error_names,
 ]

@@ -27,30 +27,6 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = [
-    "MODELS_MODULE",
-    "DATA_MODULE",
-    "MODEL_FACTORIES",
-    "DATA_FACTORIES",
-    "builtin_targets",
-    # Lazily imported from trajectory.zoo.models:
-    "mlp",
-    "mlp_bn",
-    "cnn",
-    "cnn_bn",
-    "vgg11_bn",
-    "resnet18",
-    "preact_resnet",
-    "preact_resnet20",
-    "preact_resnet56",
-    # Lazily imported from trajectory.zoo.data:
-    "mnist1d",
-    "cifar10",
-    "synthetic",
-    "DatasetInfo",
-    "dataset_info",
-    "write_cifar10_standin",
-]
 
 #: Module holding the model factories; a built-in model spec's target is ``f"{MODELS_MODULE}:{name}"``.
 MODELS_MODULE = "trajectory.zoo.models"
@@ -79,6 +55,18 @@ MODEL_FACTORIES: tuple[str, ...] = (
 DATA_FACTORIES: tuple[str, ...] = ("mnist1d", "cifar10", "synthetic")
 
 _DATA_HELPERS: tuple[str, ...] = ("DatasetInfo", "dataset_info", "write_cifar10_standin")
+
+# The factories themselves are lazy attributes (``__getattr__`` below): the registry is the list.
+__all__ = [
+    "MODELS_MODULE",
+    "DATA_MODULE",
+    "MODEL_FACTORIES",
+    "DATA_FACTORIES",
+    "builtin_targets",
+    *MODEL_FACTORIES,
+    *DATA_FACTORIES,
+    *_DATA_HELPERS,
+]
 
 
 def builtin_targets() -> frozenset[str]:
