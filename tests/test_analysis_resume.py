@@ -123,3 +123,25 @@ def test_one_writer_at_a_time(tmp_path):
     finally:
         first.close()
     ResultsFile(out, "a", archive_id="x" * 64).close()
+
+
+def test_results_carry_the_archives_provenance(archive, tmp_path):
+    """Reports label runs by lr and batch size from the results file alone, even after an old file is reopened."""
+    import json
+
+    import h5py
+
+    out = tmp_path / "r.h5"
+    analyze(archive, out, eval="subset:100", steps="0:2", metrics=["geometry"])
+    with h5py.File(out, "r") as f:
+        prov = json.loads(f.attrs["archive_provenance"])
+    with h5py.File(archive, "r") as a:
+        assert prov["metadata"] == json.loads(a.attrs["metadata"])
+        assert prov["seed"] == int(a.attrs["seed"])
+    # a file written before the attribute existed gains it on a run that computes nothing new
+    with h5py.File(out, "a") as f:
+        del f.attrs["archive_provenance"]
+    again = analyze(archive, out, eval="subset:100", steps="0:2", metrics=["geometry"])
+    assert sum(again.computed.values()) == 0
+    with h5py.File(out, "r") as f:
+        assert json.loads(f.attrs["archive_provenance"]) == prov

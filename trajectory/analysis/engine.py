@@ -604,6 +604,7 @@ def analyze(
             "archive_path": os.path.abspath(traj.path),
             "archive_created": str(traj.attrs.get("created", "")),
             "archive_records": len(traj),
+            "archive_provenance": _provenance_json(traj),
         }
         store = ResultsFile(out_path, "a", archive_id=archive_identity(traj), archive_info=info)
         tables = {name: store.table(name, configs[name], instances[name].keys, instances[name].version) for name in instances}
@@ -628,6 +629,38 @@ def analyze(
             store.close()
         if own:
             traj.close()
+
+
+#: archive root attributes copied into the results file, so reports can label runs by their
+#: hyperparameters without the archive at hand (results stay readable after archives move or go)
+PROVENANCE_ATTRS = (
+    "created", "model_spec", "data_spec", "model_class", "metadata", "optimizer", "seed", "schedule",
+    "argv", "codec", "lossy", "sgdwalk_version", "torch_version",
+)
+
+
+def _provenance_json(traj: Trajectory) -> str:
+    """Canonical JSON of the archive's provenance attributes (JSON-valued attributes parsed)."""
+    import json
+
+    from .results import canonical_json
+
+    out: dict[str, Any] = {}
+    for k in PROVENANCE_ATTRS:
+        if k not in traj.attrs:
+            continue
+        v = traj.attrs[k]
+        if isinstance(v, bytes):
+            v = v.decode()
+        if isinstance(v, np.generic):
+            v = v.item()
+        if isinstance(v, str) and v[:1] in "{[":
+            try:
+                v = json.loads(v)
+            except ValueError:
+                pass
+        out[k] = v
+    return canonical_json(out)
 
 
 def _cfg_hash(cfg: Mapping[str, Any]) -> str:

@@ -3,7 +3,8 @@
 Schema v1 (documented in docs/results.md)::
 
     /                       attrs: format="sgdwalk-results", format_version=1, archive_id, archive_path,
-                                   archive_created, archive_records, sgdwalk_version, runs, updated
+                                   archive_created, archive_records, archive_provenance, sgdwalk_version,
+                                   runs, updated
     /metrics/<metric>/<hash16>/   attrs: metric, metric_version, config (canonical JSON), config_hash
                                    (sha256 hex of config), keys (JSON list), columns (JSON list),
                                    rows_computed, created, updated
@@ -206,6 +207,7 @@ class ResultsFile:
         self._lock_fd: int | None = None
         self.last_flush = 0.0
         self.flush_count = 0
+        self._attrs_dirty = False
         if mode not in ("r", "a"):
             raise ValueError("mode must be 'r' or 'a'")
         if mode == "a":
@@ -225,7 +227,10 @@ class ResultsFile:
             else:
                 self.attrs = {"format": RESULTS_FORMAT, "format_version": RESULTS_VERSION, "archive_id": archive_id, "runs": 0}
             if mode == "a":
+                before = dict(self.attrs)
                 self.attrs.update(dict(archive_info or {}))
+                # e.g. a file written before archive_provenance existed gains it on the next run
+                self._attrs_dirty = self.attrs != before
                 self.attrs["runs"] = int(self.attrs.get("runs", 0)) + 1
                 self.run = int(self.attrs["runs"])
         except BaseException:
@@ -292,7 +297,7 @@ class ResultsFile:
 
     @property
     def dirty(self) -> bool:
-        return any(t._dirty for t in self.tables.values())
+        return self._attrs_dirty or any(t._dirty for t in self.tables.values())
 
     def flush(self) -> None:
         """Write the whole file atomically (temporary file, fsync, rename)."""
@@ -322,6 +327,7 @@ class ResultsFile:
             raise
         for t in self.tables.values():
             t._dirty = False
+        self._attrs_dirty = False
         self.last_flush = time.monotonic()
         self.flush_count += 1
 
