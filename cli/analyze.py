@@ -57,11 +57,17 @@ def _options(pairs):
 @click.option("--k", "k", type=int, default=None, help="hessian_top: number of top eigenpairs (same as --option k=N).")
 @click.option("--subset-seed", type=int, default=0, show_default=True, help="Seed of the subset:N selection.")
 @click.option("--flush-seconds", type=float, default=2.0, show_default=True, help="Write results at least this often (atomic rewrite).")
+@click.option("--curvature-split", type=click.Choice(["pairs", "data"]), default="pairs", show_default=True,
+              help="Under torchrun: give each rank whole curvature units (pairs) or split every unit's evaluation data across ranks and all-reduce Hessian-vector products (data: one large model on every GPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
 @click.option("--quiet", "-q", "--no-progress", "quiet", is_flag=True, help="No progress bar (it is also off when stderr is not a terminal).")
 def analyze(archive, out, metrics, steps, alphas, eval_, bn, device, dtype, spans, loss, model, data, trust_specs, extra,
-            k, subset_seed, flush_seconds, as_json, quiet):
-    """Replay pairs of consecutive records of ARCHIVE and measure the loss landscape along the SGD path."""
+            k, subset_seed, flush_seconds, curvature_split, as_json, quiet):
+    """Replay pairs of consecutive records of ARCHIVE and measure the loss landscape along the SGD path.
+
+    Under torchrun (torchrun --nproc-per-node N -m trajectory.cli analyze ARCHIVE ...) the pairs are
+    sharded across the N processes (NCCL on GPUs, gloo on CPUs); see docs/scaling.md.
+    """
     from trajectory.analysis import DEFAULT_EVAL, analyze as run_analysis, format_summary
     from trajectory.analysis.summary import to_json
     from trajectory.errors import SgdwalkError
@@ -74,7 +80,7 @@ def analyze(archive, out, metrics, steps, alphas, eval_, bn, device, dtype, span
         report = run_analysis(
             archive, out, metrics=names, steps=steps, alphas=alphas, spans=spans, eval=eval_ or DEFAULT_EVAL, bn=bn,
             device=device, dtype=dtype, loss=loss, model=model, data=data, trust_specs=trust_specs,
-            options=opts, subset_seed=subset_seed, flush_seconds=flush_seconds,
+            options=opts, subset_seed=subset_seed, flush_seconds=flush_seconds, curvature_split=curvature_split,
             progress=not quiet and sys.stderr.isatty(),
         )
     except SgdwalkError as err:
@@ -82,13 +88,19 @@ def analyze(archive, out, metrics, steps, alphas, eval_, bn, device, dtype, span
     except KeyboardInterrupt:  # interrupted before the pair loop: nothing to save
         click.echo("interrupted", err=True)
         sys.exit(130)
+    if report.rank != 0:  # distributed: rank 0 prints the merged summary
+        sys.exit(130 if report.interrupted else 0)
     if as_json:
         click.echo(to_json(report.summary))
     else:
         computed = sum(report.computed.values())
         reused = sum(report.reused.values())
         click.echo(format_summary(report.summary))
-        click.echo(f"{computed} rows computed, {reused} reused, {report.seconds:.1f} s -> {report.results_path}")
+        procs = ""
+        if report.world_size > 1:
+            shares = " + ".join(str(sum(c.values())) for c in report.rank_computed)
+            procs = f" by {report.world_size} processes ({shares})"
+        click.echo(f"{computed} rows computed{procs}, {reused} reused, {report.seconds:.1f} s -> {report.results_path}")
     if report.interrupted:
         click.echo(f"interrupted: results so far are saved in {report.results_path}; rerun the same command to resume", err=True)
         sys.exit(130)

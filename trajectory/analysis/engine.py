@@ -199,6 +199,13 @@ class ReplayContext:
         (e.g. gradients or Hessian-vector products) under the same settings."""
         return self._run.evaluator
 
+    @property
+    def data_shard(self) -> Any:
+        """Set while a distributed run splits a metric's evaluation data across ranks (``curvature_split="data"``):
+        an object with ``rank``, ``world`` and ``all_reduce(tensor)`` (in-place sum over ranks); None otherwise.
+        :func:`~trajectory.analysis.curvature.objective.objective_for` honours it, so curvature metrics need no code."""
+        return getattr(self._run, "data_shard", None)
+
     def lr(self, i: int) -> float:
         """Recorded learning rate (scalar 'lr') of the update leaving record i; NaN if none."""
         return self._run.lr_at(i)
@@ -301,6 +308,13 @@ class AnalysisReport:
     seconds: float = 0.0
     points: int = 0
     summary: dict = field(default_factory=dict)
+    #: keys of the rows this process computed, per metric (what a distributed run exchanges between levels)
+    computed_keys: dict = field(default_factory=dict, repr=False)
+    #: distributed runs: number of processes, this one's rank, and the rows computed by each rank
+    #: (every rank's counts on a completed run; only this rank's own after an interrupt)
+    world_size: int = 1
+    rank: int = 0
+    rank_computed: list = field(default_factory=list)
 
 
 class AnalysisRun:
@@ -477,6 +491,8 @@ def analyze(
     fast_path: bool = True,
     progress: bool | Callable[[int, int], Any] = False,
     on_block: Callable[[int], Any] | None = None,
+    distributed: bool | str = "auto",
+    curvature_split: str = "pairs",
 ) -> AnalysisReport:
     """Measure the landscape along the recorded path; rows go to a results file (created or resumed).
 
@@ -485,6 +501,11 @@ def analyze(
     such as ``'mlp {"hidden": [50]}'``. Specs stored in the archive are built only when they name
     sgdwalk's zoo or ``trust_specs`` is true. ``options`` sets metric options (``height``,
     ``convex_tol``, ``xtol``, ``barrier_tol``, ``barrier_points``, ...). Returns an :class:`AnalysisReport`.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment, or an initialised default process group),
+    ``distributed="auto"`` shards the pairs across ranks (see :mod:`trajectory.analysis.distributed` and
+    docs/scaling.md); ``curvature_split="data"`` instead splits the curvature metrics' evaluation data
+    across ranks and all-reduces Hessian-vector products. ``distributed=False`` forces a single process.
     """
     t0 = time.perf_counter()
     check_choice(bn, BN_POLICIES, "--bn")
@@ -496,6 +517,14 @@ def analyze(
     opts["alphas"] = parse_alphas(alphas if alphas is not None else opts.get("alphas"))
     opts["spans"] = parse_spans(spans if spans is not None else opts.get("spans"))
     steps_spec = parse_steps(steps)
+    check_choice(curvature_split, ("pairs", "data"), "--curvature-split")
+    from .distributed import DistContext
+
+    dist = DistContext.from_env(distributed)
+    if dist is not None and device is None:
+        device = dist.default_device()
+    if dist is not None and progress is True and dist.rank != 0:
+        progress = False  # one bar (rank 0's share), not one per process
     dev = _auto_device(device)
     tdtype = torch.float64 if dtype == "float64" else torch.float32
     classes = _metric_closure(names)  # unknown metric names fail before any work
@@ -606,7 +635,18 @@ def analyze(
             "archive_records": len(traj),
             "archive_provenance": _provenance_json(traj),
         }
-        store = ResultsFile(out_path, "a", archive_id=archive_identity(traj), archive_info=info)
+        archive_id = archive_identity(traj)
+        final = None
+        if dist is None:
+            from .distributed import merge_partials, partial_files
+
+            store = ResultsFile(out_path, "a", archive_id=archive_id, archive_info=info)
+            if partial_files(out_path):  # rows of an interrupted distributed run: fold them in first
+                merge_partials(store)
+        else:
+            from .distributed import open_stores
+
+            store, final = open_stores(dist, out_path, archive_id, info)
         tables = {name: store.table(name, configs[name], instances[name].keys, instances[name].version) for name in instances}
 
         n_state_bytes = (evaluator.n_state) * (8 if tdtype == torch.float64 else 4)
@@ -621,7 +661,14 @@ def analyze(
             max_points=4096, state_budget=256 << 20,
         )
         ctx = ReplayContext(run)
-        return _run_blocks(run, ctx, instances, tables, store, traj, out_path, flush_seconds, progress, on_block, t0)
+        if dist is None:
+            return _run_blocks(run, ctx, instances, tables, store, traj, out_path, flush_seconds, progress, on_block, t0)
+        from .distributed import run_distributed
+
+        part, store = store, None  # run_distributed closes the partial file (and the final one on rank 0)
+        return run_distributed(dist, run, ctx, instances, configs, tables, part, final, out_path,
+                               flush_seconds=flush_seconds, progress=progress, on_block=on_block, t0=t0,
+                               curvature_split=curvature_split)
     finally:
         if records is not None:
             records.close()
@@ -669,7 +716,15 @@ def _cfg_hash(cfg: Mapping[str, Any]) -> str:
     return config_hash(cfg)
 
 
-def _run_blocks(run, ctx, instances, tables, store, traj, out_path, flush_seconds, progress, on_block, t0) -> AnalysisReport:
+def _run_blocks(run, ctx, instances, tables, store, traj, out_path, flush_seconds, progress, on_block, t0, *,
+                assign: Callable[[str, tuple[int, ...]], bool] | None = None, adopt: frozenset[str] = frozenset(),
+                desc: str = "analyze", summarize: bool = True) -> AnalysisReport:
+    """Compute every missing unit of ``instances`` block by block, flushing ``store`` as it goes.
+
+    Distributed runs (:mod:`trajectory.analysis.distributed`) call this once per dependency level with
+    ``assign`` (does this rank compute that unit?) and ``adopt`` (metrics whose rows this rank computes
+    only to take part in collectives, e.g. data-parallel curvature on ranks > 0: kept as foreign rows).
+    """
     pairs = run.pairs
     pair_pos = {p: j for j, p in enumerate(pairs)}
     pending: dict[str, list[tuple[int, ...]]] = {}
@@ -678,14 +733,17 @@ def _run_blocks(run, ctx, instances, tables, store, traj, out_path, flush_second
         units = inst.units(pairs)
         pending[name] = [u for u in units if tuple(u) not in tables[name].rows]
         reused[name] = len(units) - len(pending[name])
+        if assign is not None:
+            pending[name] = [u for u in pending[name] if assign(name, tuple(u))]
     computed = {name: 0 for name in instances}
+    computed_keys: dict[str, list[tuple[int, ...]]] = {name: [] for name in instances}
     todo_pairs = sorted({u[0] for us in pending.values() for u in us})
     total = len(todo_pairs)
     bar = None
     if progress is True and total:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, unit="pair", desc="analyze", dynamic_ncols=True, smoothing=0.1)
+        bar = tqdm(total=total, unit="pair", desc=desc, dynamic_ncols=True, smoothing=0.1)
     steps = traj.steps
     interrupted = False
     done_pairs = 0
@@ -715,7 +773,12 @@ def _run_blocks(run, ctx, instances, tables, store, traj, out_path, flush_second
                     raise MetricError(f"metric {name!r} returned {len(rows)} rows for {len(ready)} units")
                 for u, row in zip(ready, rows):
                     far = u[0] + (u[1] if len(u) > 1 else 1)
-                    tables[name].add(u, int(steps[u[0]]), int(steps[min(far, len(steps) - 1)]), row, store.run)
+                    meta = (int(steps[u[0]]), int(steps[min(far, len(steps) - 1)]))
+                    if name in adopt:
+                        tables[name].adopt(u, (*meta, store.run), row)
+                    else:
+                        tables[name].add(u, *meta, row, store.run)
+                        computed_keys[name].append(tuple(int(k) for k in u))
                 computed[name] += len(ready)
             done_pairs += len(block)
             if bar is not None:
@@ -741,7 +804,8 @@ def _run_blocks(run, ctx, instances, tables, store, traj, out_path, flush_second
 
     report = AnalysisReport(
         results_path=out_path, tables=dict(tables), computed=computed, reused=reused, interrupted=interrupted,
-        seconds=time.perf_counter() - t0, points=run.evaluator.points_evaluated,
+        seconds=time.perf_counter() - t0, points=run.evaluator.points_evaluated, computed_keys=computed_keys,
     )
-    report.summary = summarize_tables(store, list(tables.values()))
+    if summarize:
+        report.summary = summarize_tables(store, list(tables.values()))
     return report

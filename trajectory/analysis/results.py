@@ -87,6 +87,9 @@ class Table:
         self.meta: dict[tuple[int, ...], tuple[int, int, int]] = {}  # key -> (step_a, step_b, run)
         self.columns: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
         self.rows_computed = 0
+        #: keys of rows known to this process but stored in another file (rows adopted from other ranks'
+        #: partial files in a distributed run); they feed dependencies and resume but are never written here
+        self.foreign: set[tuple[int, ...]] = set()
         self.created = _now()
         self.updated = self.created
         self._dirty = False
@@ -134,15 +137,52 @@ class Table:
             raise ResultsError(f"metric {self.metric!r}: row columns {sorted(row)} differ from {sorted(self.columns)}")
         self.rows[key] = row
         self.meta[key] = (int(step_a), int(step_b), int(run))
+        self.foreign.discard(key)
         self.rows_computed += 1
         self._dirty = True
 
-    def sorted_keys(self) -> list[tuple[int, ...]]:
+    def adopt(self, key: tuple[int, ...], meta: tuple[int, int, int], values: Mapping[str, Any]) -> bool:
+        """Know a row computed elsewhere (another rank, another file) without owning it: it satisfies
+        dependencies and resume checks but is not written by :meth:`write` nor counted in ``rows_computed``.
+        Returns False (and changes nothing) when the key is already known."""
+        key = tuple(int(k) for k in key)
+        if key in self.rows:
+            return False
+        self.rows[key] = {name: self._coerce(name, v) for name, v in values.items()}
+        self.meta[key] = tuple(int(m) for m in meta)  # type: ignore[assignment]
+        self.foreign.add(key)
+        return True
+
+    def merge(self, other: "Table") -> int:
+        """Take ``other``'s own rows whose keys are new here, as rows of this table (the merge of a
+        distributed run's partial files). Keys already present are kept as they are. Returns the number
+        of rows taken; ``rows_computed`` grows by that number, so it still counts distinct computations."""
+        if other.hash != self.hash:
+            raise ResultsError(f"cannot merge tables of different configurations ({other.hash[:12]} into {self.hash[:12]})")
+        taken = 0
+        for key in other.sorted_keys():
+            if key in other.foreign:
+                continue
+            if key in self.rows and key not in self.foreign:
+                continue
+            self.foreign.discard(key)
+            self.rows[key] = {name: self._coerce(name, v) for name, v in other.rows[key].items()}
+            self.meta[key] = other.meta[key]
+            taken += 1
+        if taken:
+            self.rows_computed += taken
+            self._dirty = True
+        return taken
+
+    def sorted_keys(self, own: bool = False) -> list[tuple[int, ...]]:
+        """Keys in order; ``own=True`` leaves out adopted (foreign) rows."""
+        if own and self.foreign:
+            return sorted(k for k in self.rows if k not in self.foreign)
         return sorted(self.rows)
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        """Every column as an array in key order (keys, step_a, step_b, run, values)."""
-        keys = self.sorted_keys()
+    def arrays(self, own: bool = False) -> dict[str, np.ndarray]:
+        """Every column as an array in key order (keys, step_a, step_b, run, values); ``own=True``: this file's rows only."""
+        keys = self.sorted_keys(own)
         out: dict[str, np.ndarray] = {}
         for j, k in enumerate(self.keys):
             out[k] = np.array([key[j] for key in keys], dtype=np.int64)
@@ -167,7 +207,7 @@ class Table:
         g.attrs["rows_computed"] = self.rows_computed
         g.attrs["created"] = self.created
         g.attrs["updated"] = self.updated
-        for name, arr in self.arrays().items():
+        for name, arr in self.arrays(own=True).items():
             g.create_dataset(name, data=arr)
 
     @classmethod
@@ -343,6 +383,17 @@ class ResultsFile:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    def merge_from(self, other: "ResultsFile") -> int:
+        """Take every row of ``other`` (same archive) that this file lacks; returns the number taken.
+        Used to fold a distributed run's per-rank partial files into the results file."""
+        if other.attrs.get("archive_id") != self.attrs.get("archive_id"):
+            raise ResultsMismatchError(f"{other.path} holds results of a different archive than {self.path}; remove it")
+        taken = 0
+        for (metric, _h), t in sorted(other.tables.items()):
+            mine = self.table(metric, t.config, t.keys, t.version)
+            taken += mine.merge(t)
+        return taken
 
     def by_metric(self, metric: str) -> list[Table]:
         return [t for (m, _), t in sorted(self.tables.items()) if m == metric]

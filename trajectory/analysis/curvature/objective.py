@@ -126,6 +126,27 @@ class Objective:
         self.batches = [(int(i[0]), int(i[-1]) + 1) for i in idx if len(i)]
         self.hvps = 0  # Hessian-vector products computed (one vector = one product)
         self.grads = 0
+        self._reduce: Callable[[torch.Tensor], Any] | None = None
+
+    def shard(self, rank: int, world: int, all_reduce: Callable[[torch.Tensor], Any]) -> "Objective":
+        """Split the data batches across ``world`` processes (batch j goes to rank j mod world) and sum every
+        loss, gradient and product over processes with ``all_reduce`` (in place). Each batch keeps its
+        weight n_b/N of the whole data, so the reduced values equal the single-process ones up to float
+        summation order, under every BatchNorm policy (the batches are the same). Iterative solvers then
+        see identical products on every rank and stay in lockstep."""
+        if world > 1:
+            if self.bn != "train" and len(self.batches) < world:
+                # chunks only bound memory here (not BatchNorm batches): cut finer so every rank has work
+                idx = torch.tensor_split(torch.arange(self.n_data), min(world, self.n_data))
+                self.batches = [(int(i[0]), int(i[-1]) + 1) for i in idx if len(i)]
+            self.batches = self.batches[rank::world]
+            self._reduce = all_reduce
+        return self
+
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self._reduce is not None:
+            self._reduce(t)
+        return t
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
@@ -199,10 +220,12 @@ class Objective:
     def loss(self, p: torch.Tensor) -> float:
         """L(p) (no gradient)."""
         with torch.no_grad():
-            return float(sum(self._w(s, e) * float(self._batch_loss(p, s, e)) for s, e in self.batches))
+            local = sum(self._w(s, e) * float(self._batch_loss(p, s, e)) for s, e in self.batches)
+        return float(self._sum(torch.tensor([float(local)], dtype=torch.float64, device=self.device))[0])
 
     def __call__(self, p: torch.Tensor) -> torch.Tensor:
-        """L(p) as a differentiable tensor (for torch.autograd, e.g. torch.autograd.functional.hessian)."""
+        """L(p) as a differentiable tensor (for torch.autograd, e.g. torch.autograd.functional.hessian).
+        Over this process's batches only when the objective is :meth:`shard`-ed."""
         return sum(self._w(s, e) * self._batch_loss(p, s, e) for s, e in self.batches)
 
     def loss_grad(self, p: torch.Tensor) -> tuple[float, torch.Tensor]:
@@ -215,6 +238,9 @@ class Objective:
             g.add_(gb, alpha=self._w(s, e))
             total += self._w(s, e) * float(lb)
         self.grads += 1
+        if self._reduce is not None:  # one collective for loss and gradient together
+            both = self._sum(torch.cat([g, torch.tensor([total], dtype=g.dtype, device=g.device)]))
+            return float(both[-1]), both[:-1]
         return total, g
 
     # ------------------------------------------------------------------ curvature products
@@ -244,7 +270,7 @@ class Objective:
                         hv = torch.autograd.grad(g, q, grad_outputs=V[j], retain_graph=j + 1 < V.shape[0])[0]
                         out[j].add_(hv, alpha=w)
         self.hvps += V.shape[0]
-        return out
+        return self._sum(out)
 
     def _ggn_batch(self, p: torch.Tensor, V: torch.Tensor, s: int, e: int) -> torch.Tensor:
         f = lambda q: self._out(q, s, e)  # noqa: E731
@@ -300,5 +326,9 @@ def objective_for(ctx: Any, state: torch.Tensor, pair: int, **kw: Any) -> "Objec
             bufs[e.name] = sd[e.name]
     minibatch = getattr(getattr(ctx, "eval", None), "kind", "") == "minibatch"
     bn_batch = len(x) if minibatch else ev.bn_batch
-    return Objective(ev.model, views, bufs, x, y, loss=ev.loss, bn=ev.bn_policy, bn_batch=bn_batch,
-                     recompute_batches=ev.recompute_batches, p0=state[:n_params], **kw)
+    obj = Objective(ev.model, views, bufs, x, y, loss=ev.loss, bn=ev.bn_policy, bn_batch=bn_batch,
+                    recompute_batches=ev.recompute_batches, p0=state[:n_params], **kw)
+    shard = getattr(ctx, "data_shard", None)
+    if shard is not None:
+        obj.shard(shard.rank, shard.world, shard.all_reduce)
+    return obj

@@ -1,0 +1,252 @@
+"""Distributed analysis: 2 gloo processes started by torchrun give the single-process results; a killed rank's
+run resumes (with another world size) without recomputing finished rows; data-parallel curvature matches.
+
+The torchrun runs use the installed ``-m trajectory.cli analyze`` when sgdwalk is installed (CI) and
+``-m cli.analyze`` from the checkout otherwise (same click command).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from test_analysis_support import record_mlp
+from trajectory.analysis import ResultsFile, analyze
+from trajectory.analysis.distributed import DistContext, partial_files
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EVAL = ["--eval", "subset:300", "--dtype", "float64", "--spans", "1,3"]
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+SLOW_PLUGIN = textwrap.dedent('''
+    """Test plug-in: a metric that takes a while per pair, so a run can be killed midway deterministically."""
+    import os, time
+    from trajectory.analysis import Metric
+
+
+    class SlowPair(Metric):
+        name = "slowpair"
+        uses_data = False
+
+        def compute(self, ctx, units):
+            if os.environ.get("RANK") == os.environ.get("SLOWPAIR_RANK"):  # only that rank is slow
+                time.sleep(float(os.environ.get("SLOWPAIR_SECONDS", "0")))
+            return [{"pair_again": float(u[0])} for u in units]
+''')
+
+
+@functools.lru_cache(maxsize=None)
+def _cli() -> tuple[str, ...]:
+    # asked of a fresh interpreter: other tests may have aliased cli/ as trajectory.cli in this one
+    probe = subprocess.run([sys.executable, "-c", "import trajectory.cli.main"], cwd="/", capture_output=True, timeout=120)
+    if probe.returncode == 0:
+        return ("-m", "trajectory.cli", "analyze")
+    return ("-m", "cli.analyze")
+
+
+def _torchrun(nproc: int, args: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *_cli(), *args]
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    full_env.update(env or {})
+    return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _tables(path) -> dict:
+    f = ResultsFile(path, "r")
+    return {(m, h): t for (m, h), t in f.tables.items()}
+
+
+def _assert_same(got: dict, ref: dict, metrics=None) -> None:
+    keys = [k for k in ref if metrics is None or k[0] in metrics]
+    assert keys
+    for k in keys:
+        assert k in got, f"missing table {k[0]}"
+        a, b = got[k].arrays(), ref[k].arrays()
+        assert set(a) == set(b)
+        for col in b:
+            if col == "run":
+                continue
+            np.testing.assert_allclose(np.asarray(a[col], dtype=np.float64), np.asarray(b[col], dtype=np.float64),
+                                       rtol=1e-10, atol=1e-12, equal_nan=True, err_msg=f"{k[0]}.{col}")
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    return record_mlp(tmp_path_factory.mktemp("dist") / "run.h5", steps=30, lr=0.3, seed=11)
+
+
+@pytest.fixture(scope="module")
+def reference(archive, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "ref.h5"
+    analyze(archive, out, eval="subset:300", dtype="float64", spans="1,3", distributed=False)
+    return _tables(out)
+
+
+def test_single_process_is_not_distributed(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert DistContext.from_env("auto") is None
+    assert DistContext.from_env(False) is None
+    with pytest.raises(Exception, match="torchrun"):
+        DistContext.from_env(True)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_a_single_process_run(archive, reference, tmp_path):
+    out = tmp_path / "dist.h5"
+    p = _torchrun(2, [archive, "--out", str(out), *EVAL, "-q"])
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr[-3000:]
+    assert "convex+interior" in stdout  # rank 0 printed the merged summary, once
+    assert stdout.count("rows computed") == 1
+    shares = re.search(r"146 rows computed by 2 processes \((\d+) \+ (\d+)\)", stdout)
+    assert shares, stdout
+    assert int(shares[1]) > 40 and int(shares[2]) > 40  # both ranks did their share
+    got = _tables(out)
+    _assert_same(got, reference)
+    for t in got.values():
+        assert t.rows_computed == len(t)  # every row computed once, by one rank
+    assert partial_files(out) == []  # merged and removed
+    again = analyze(archive, out, eval="subset:300", dtype="float64", spans="1,3", distributed=False)
+    assert sum(again.computed.values()) == 0
+
+
+@pytest.fixture()
+def slow_plugin(tmp_path):
+    d = tmp_path / "site"
+    d.mkdir()
+    (d / "sgdwalk_slowpair.py").write_text(SLOW_PLUGIN)
+    info = d / "sgdwalk_slowpair-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: sgdwalk-slowpair\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[sgdwalk.metrics]\nslowpair = sgdwalk_slowpair:SlowPair\n")
+    return d
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            out.append(int(name))
+    return out
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            env = dict(kv.split(b"=", 1) for kv in fh.read().split(b"\0") if b"=" in kv)
+    except OSError:
+        return None
+    r = env.get(b"RANK")
+    return int(r) if r is not None else None
+
+
+def _rows_on_disk(out) -> dict[str, set]:
+    rows: dict[str, set] = {}
+    for path in ([str(out)] if os.path.exists(out) else []) + partial_files(out):
+        for (m, _h), t in ResultsFile(path, "r").tables.items():
+            rows.setdefault(m, set()).update(t.sorted_keys())
+    return rows
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds torchrun's workers through /proc")
+def test_killed_rank_then_rerun_with_another_world_size_recomputes_nothing(archive, reference, slow_plugin, tmp_path):
+    out = tmp_path / "killed.h5"
+    metrics = ["--metric", "interpolation,floor,geometry,barriers,slowpair", "--flush-seconds", "0"]
+    # rank 1 hangs in its first block; rank 0 finishes its share of the first level, flushes it, and waits
+    env = {"PYTHONPATH": os.pathsep.join([str(slow_plugin), ROOT]), "SLOWPAIR_SECONDS": "60", "SLOWPAIR_RANK": "1"}
+    p = _torchrun(2, [archive, "--out", str(out), *EVAL, *metrics, "-q"], env=env)
+    try:
+        victim = None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and p.poll() is None:
+            on_disk = _rows_on_disk(out)
+            if victim is None:
+                ranks = {_rank_of(c): c for c in _children(p.pid)}
+                victim = ranks.get(1)
+            if victim is not None and on_disk.get("slowpair"):
+                os.kill(victim, signal.SIGKILL)  # rank 1 dies midway; torchrun stops rank 0 (SIGTERM)
+                break
+            time.sleep(0.05)
+        assert victim is not None, "rank 1 was not found"
+        _, stderr = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode != 0, stderr[-3000:]  # the run failed, as it should
+    assert partial_files(out), stderr[-3000:]  # each rank keeps its rows in its own partial file
+    before = _rows_on_disk(out)
+    n_total = {"interpolation": 30, "floor": 30, "geometry": 30, "slowpair": 30, "barriers": 29 + 27}
+    missing = {m: n_total[m] - len(before.get(m, ())) for m in n_total}
+    assert 0 < missing["slowpair"] < 30 and missing["floor"] == 30  # killed midway through the first level
+
+    # resume with a different world size (1 process): computes exactly the missing rows, merges the parts
+    code = textwrap.dedent(f"""
+        import json
+        from trajectory.analysis import analyze
+        r = analyze({str(archive)!r}, {str(out)!r}, eval="subset:300", dtype="float64", spans="1,3",
+                    metrics=["interpolation", "floor", "geometry", "barriers", "slowpair"], distributed=False)
+        print(json.dumps(r.computed))
+    """)
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, **env, "SLOWPAIR_RANK": ""},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    import json
+
+    computed = json.loads(res.stdout.strip().splitlines()[-1])
+    assert computed == missing
+    assert partial_files(out) == []
+    got = _tables(out)
+    _assert_same(got, reference)
+    for t in got.values():
+        assert t.rows_computed == len(t)
+
+
+@pytest.mark.slow
+def test_rerun_under_torchrun_completes_a_partial_single_process_run(archive, reference, tmp_path):
+    out = tmp_path / "grow.h5"
+    analyze(archive, out, eval="subset:300", dtype="float64", spans="1,3", steps="0:11", distributed=False)
+    p = _torchrun(2, [archive, "--out", str(out), *EVAL, "-q"])
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr[-3000:]
+    assert "rows computed by 2 processes" in stdout
+    # 30 pairs, 11 analysed before: 3 x 19 new per-pair rows; barriers 29 + 27 units, 10 + 8 existed
+    assert f"{3 * 19 + (29 + 27) - (10 + 8)} rows computed" in stdout, stdout
+    _assert_same(_tables(out), reference)
+
+
+@pytest.mark.slow
+def test_data_parallel_curvature_matches_single_process(archive, tmp_path):
+    kw = ["--metric", "hessian_top", "--steps", "0:30:10", "--eval", "subset:300", "--dtype", "float64",
+          "--option", "k=2", "--option", "at=record"]
+    ref = tmp_path / "ref.h5"
+    analyze(archive, ref, metrics=["hessian_top"], steps="0:30:10", eval="subset:300", dtype="float64",
+            options={"k": 2, "at": "record"}, distributed=False)
+    out = tmp_path / "data.h5"
+    p = _torchrun(2, [archive, "--out", str(out), *kw, "--curvature-split", "data", "-q"])
+    _, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr[-3000:]
+    got, want = _tables(out), _tables(ref)
+    key = next(k for k in want if k[0] == "hessian_top")
+    a, b = got[key].arrays(), want[key].arrays()
+    np.testing.assert_array_equal(a["pair"], b["pair"])
+    np.testing.assert_allclose(a["eigenvalues"], b["eigenvalues"], rtol=1e-8)
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-10)
