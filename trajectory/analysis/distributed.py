@@ -118,7 +118,10 @@ class DistContext:
     def default_device(self) -> torch.device:
         """``cuda:LOCAL_RANK`` when CUDA is available (one GPU per process), else the CPU."""
         if torch.cuda.is_available():
-            return torch.device("cuda", self.local_rank % torch.cuda.device_count())
+            dev = torch.device("cuda", self.local_rank % torch.cuda.device_count())
+            if self.backend != "nccl":  # gloo group on a GPU node: still one GPU per process
+                torch.cuda.set_device(dev)
+            return dev
         return torch.device("cpu")
 
     # collectives ---------------------------------------------------------------------------------------------

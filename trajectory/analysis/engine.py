@@ -521,8 +521,8 @@ def analyze(
     from .distributed import DistContext
 
     dist = DistContext.from_env(distributed)
-    if dist is not None and device is None:
-        device = dist.default_device()
+    if dist is not None and (device is None or str(device) in ("auto", "cuda")):
+        device = dist.default_device()  # one GPU per process: cuda:LOCAL_RANK, not cuda:0 for all
     if dist is not None and progress is True and dist.rank != 0:
         progress = False  # one bar (rank 0's share), not one per process
     dev = _auto_device(device)
