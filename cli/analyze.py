@@ -91,11 +91,12 @@ def analyze(archive, out, metrics, steps, alphas, eval_, bn, device, dtype, span
     if report.rank != 0:  # distributed: rank 0 prints the merged summary
         sys.exit(130 if report.interrupted else 0)
     if as_json:
-        click.echo(to_json(report.summary))
+        click.echo(to_json(report.summary or {"results": report.results_path, "interrupted": report.interrupted}))
     else:
         computed = sum(report.computed.values())
         reused = sum(report.reused.values())
-        click.echo(format_summary(report.summary))
+        if report.summary:  # empty after an interrupted distributed run (nothing merged yet)
+            click.echo(format_summary(report.summary))
         procs = ""
         if report.world_size > 1:
             shares = " + ".join(str(sum(c.values())) for c in report.rank_computed)

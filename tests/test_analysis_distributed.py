@@ -250,3 +250,50 @@ def test_data_parallel_curvature_matches_single_process(archive, tmp_path):
     np.testing.assert_array_equal(a["pair"], b["pair"])
     np.testing.assert_allclose(a["eigenvalues"], b["eigenvalues"], rtol=1e-8)
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-10)
+
+
+def test_partial_files_fold_into_a_single_process_run(archive, reference, tmp_path):
+    """Leftover partial files (as a killed torchrun leaves them) are merged by a plain single-process rerun."""
+    import shutil
+
+    out = tmp_path / "r.h5"
+    # two 'ranks' worth of rows, written as partial files by single-process runs on disjoint pairs
+    for rank, steps in ((0, "0:10"), (1, "10:20")):
+        tmp = tmp_path / f"tmp{rank}.h5"
+        analyze(archive, tmp, eval="subset:300", dtype="float64", spans="1,3", steps=steps, metrics=["floor"], distributed=False)
+        shutil.move(tmp, f"{out}.part-{rank}")
+    assert len(partial_files(out)) == 2
+    rep = analyze(archive, out, eval="subset:300", dtype="float64", spans="1,3", metrics=["floor"], distributed=False)
+    assert rep.computed == {"interpolation": 10, "floor": 10}  # pairs 20..29 only
+    assert partial_files(out) == []
+    got = _tables(out)
+    _assert_same(got, reference, metrics={"interpolation", "floor"})
+    for t in got.values():
+        assert t.rows_computed == len(t) == 30
+
+
+def test_partial_file_of_another_archive_is_refused(archive, tmp_path):
+    from trajectory.analysis import ResultsMismatchError
+
+    other = record_mlp(tmp_path / "other.h5", steps=4, seed=99)
+    out = tmp_path / "r.h5"
+    analyze(other, tmp_path / "o.h5", eval="subset:100", steps="0:2", metrics=["geometry"], distributed=False)
+    os.replace(tmp_path / "o.h5", f"{out}.part-3")
+    with pytest.raises(ResultsMismatchError, match="different archive"):
+        analyze(archive, out, eval="subset:100", steps="0:2", metrics=["geometry"], distributed=False)
+    assert os.path.exists(f"{out}.part-3")  # never deleted: it may be someone's data
+
+
+def test_table_merge_and_adopt_keep_rows_computed_honest():
+    from trajectory.analysis import Table
+
+    cfg = {"metric": "m", "version": 1, "options": {}}
+    a, b = Table("m", cfg, ["pair"]), Table("m", cfg, ["pair"])
+    a.add((0,), 0, 1, {"x": 1.0}, 1)
+    b.add((0,), 0, 1, {"x": 9.0}, 1)  # same key computed elsewhere: the existing row wins
+    b.add((1,), 1, 2, {"x": 2.0}, 1)
+    b.adopt((2,), (2, 3, 1), {"x": 3.0})  # b only knows row 2: never merged from b
+    assert a.merge(b) == 1
+    assert a.rows[(0,)]["x"] == 1.0 and a.rows[(1,)]["x"] == 2.0 and (2,) not in a.rows
+    assert a.rows_computed == len(a) == 2
+    assert b.arrays(own=True)["pair"].tolist() == [0, 1] and b.arrays()["pair"].tolist() == [0, 1, 2]

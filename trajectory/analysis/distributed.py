@@ -37,6 +37,7 @@ import torch
 import torch.distributed as tdist
 
 from .errors import AnalysisError
+from .errors import ResultsMismatchError
 from .results import ResultsFile
 
 __all__ = ["DistContext", "part_path", "partial_files", "merge_partials", "open_stores", "run_distributed"]
@@ -197,11 +198,13 @@ def open_stores(dist: DistContext, out_path: str, archive_id: str, info: Mapping
     return part, final
 
 
-def _adopt_file(tables: Mapping[str, Any], path: str) -> int:
+def _adopt_file(tables: Mapping[str, Any], path: str, archive_id: str) -> int:
     """Adopt the rows of every table in ``path`` whose configuration matches one of ``tables``."""
     if not os.path.exists(path):
         return 0
     other = ResultsFile(path, "r")
+    if other.attrs.get("archive_id") != archive_id:
+        raise ResultsMismatchError(f"{path} holds results of a different archive ({other.attrs.get('archive_path', '?')}); remove it")
     n = 0
     by_hash = {t.hash: t for t in tables.values()}
     for (_m, h), ot in other.tables.items():
@@ -254,7 +257,7 @@ def run_distributed(dist: DistContext, run: Any, ctx: Any, instances: Mapping[st
         err: BaseException | None = None
         try:
             if dist.rank != 0:
-                _adopt_file(tables, out_path)
+                _adopt_file(tables, out_path, part.attrs["archive_id"])
             else:
                 for name, t in tables.items():
                     ft = final.tables.get((t.metric, t.hash))
@@ -263,7 +266,7 @@ def run_distributed(dist: DistContext, run: Any, ctx: Any, instances: Mapping[st
                             t.adopt(key, ft.meta[key], ft.rows[key])
             for p in partial_files(out_path):
                 if p != part.path:
-                    _adopt_file(tables, p)
+                    _adopt_file(tables, p, part.attrs["archive_id"])
         except Exception as e:  # noqa: BLE001
             err = e
         dist.agree(err)
