@@ -208,3 +208,6 @@ from .analyze import analyze, show  # noqa: E402
 
 main.add_command(analyze)
 main.add_command(show)
+from .report import report  # noqa: E402
+
+main.add_command(report)

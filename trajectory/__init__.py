@@ -27,5 +27,15 @@ __all__ = [
     "Windows",
     "Union",
     "parse_schedule",
+    "build_report",
     *_error_names,
 ]
+
+
+def __getattr__(name: str):
+    """``trajectory.build_report`` without importing matplotlib at ``import trajectory`` (the report is optional)."""
+    if name == "build_report":
+        from .report import build_report
+
+        return build_report
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
