@@ -5,23 +5,13 @@ RESULTS`` from a source checkout, or click's ``CliRunner``).
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import click
 
+from .analyze import _fail
+
 __all__ = ["report"]
-
-
-def _fail(err: BaseException) -> None:
-    """``error: <one line>`` on stderr and exit status 2, as every sgdwalk command (traceback: SGDWALK_DEBUG=1)."""
-    if os.environ.get("SGDWALK_DEBUG"):
-        import traceback
-
-        traceback.print_exception(type(err), err, err.__traceback__)
-    msg = " ".join(str(err).split()) or type(err).__name__
-    click.echo(f"error: {msg}", err=True)
-    sys.exit(2)
 
 
 @click.command("report")

@@ -687,27 +687,11 @@ PROVENANCE_ATTRS = (
 
 
 def _provenance_json(traj: Trajectory) -> str:
-    """Canonical JSON of the archive's provenance attributes (JSON-valued attributes parsed)."""
-    import json
-
+    """Canonical JSON of the archive's provenance attributes (the reader already decodes JSON-valued ones)."""
     from .results import canonical_json
 
-    out: dict[str, Any] = {}
-    for k in PROVENANCE_ATTRS:
-        if k not in traj.attrs:
-            continue
-        v = traj.attrs[k]
-        if isinstance(v, bytes):
-            v = v.decode()
-        if isinstance(v, np.generic):
-            v = v.item()
-        if isinstance(v, str) and v[:1] in "{[":
-            try:
-                v = json.loads(v)
-            except ValueError:
-                pass
-        out[k] = v
-    return canonical_json(out)
+    attrs = traj.attrs
+    return canonical_json({k: attrs[k] for k in PROVENANCE_ATTRS if k in attrs})
 
 
 def _cfg_hash(cfg: Mapping[str, Any]) -> str:
