@@ -379,3 +379,30 @@ def test_headless_chromium_renders_the_page(multi, tmp_path):
     dom = _chromium(["--dump-dom", url], tmp_path).stdout.decode("utf-8", "replace")
     assert "fraction convex with interior floor" in dom and "lr=0.3 b=32" in dom
     assert dom.count('src="data:image/png;base64,') == len(res.figures)
+
+
+def test_per_update_panels_never_bridge_gaps_between_recorded_windows(sample_results, tmp_path):
+    """Windows of dense records separated by gaps (the paper's protocol): no line crosses a gap, and pairs that
+    span several optimizer steps (chords between sparse records) are left out of the per-update panels."""
+    from trajectory.report import dynamics_figure, load_run
+    from trajectory.report.plotting import contiguous_runs
+
+    assert contiguous_runs(np.array([0, 1, 2, 10, 11]), np.array([1, 2, 3, 11, 12])) == [slice(0, 3), slice(3, 5)]
+    assert contiguous_runs(np.array([]), np.array([])) == []
+    run = load_run(sample_results)
+    keep = np.r_[0:15, 25:40]  # two windows of single updates with a gap of 10 steps between them
+    for name in ("floor", "geometry"):
+        m = run.metrics[name]
+        m.arrays = {k: v[keep] for k, v in m.arrays.items()}
+    m = run.metrics["geometry"]  # plus one chord spanning steps 15..25
+    m.arrays = {k: np.insert(v, 15, v[15]) for k, v in m.arrays.items()}
+    m.arrays["step_a"][15], m.arrays["step_b"][15] = 15, 25
+    fig = dynamics_figure([run])
+    for ax in fig.axes:
+        if "Step length" not in ax.get_title() and "Height" not in ax.get_title():
+            continue
+        for line in ax.get_lines():
+            x = np.asarray(line.get_xdata(), dtype=float)
+            if len(x) > 1:
+                assert not ((x[:-1] < 15) & (x[1:] >= 25)).any(), ax.get_title()  # nothing spans the gap
+                assert not np.isin(15, x)  # the chord is not an update

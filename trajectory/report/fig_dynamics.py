@@ -82,15 +82,25 @@ def dynamics_figure(runs: Sequence[Run | str] | Run | str) -> Figure:
             ax.remove()
         windows: set[int] = set()
         drawn: set[int] = set()
+        chords: set[int] = set()
         for ax, panel in zip(axes, panels):
             for i, (run, color) in enumerate(zip(runs, colors)):
                 m = run.get(panel.metric)
                 if m is None:
                     continue
                 y = np.asarray(m[panel.column], dtype=float)
+                x0, x1 = np.asarray(m["step_a"]), np.asarray(m["step_b"])
+                if panel.smooth and len(x0):
+                    # per-update panels: pairs spanning several optimizer steps (sparse records between dense
+                    # windows) are chords, not SGD updates; keep the single updates, drawn piece by piece
+                    single = (x1 - x0) == np.min(x1 - x0)
+                    if not single.all():
+                        chords.add(i)
+                    x0, x1, y = x0[single], x1[single], y[single]
                 if panel.smooth and smoothing_window(len(y)):
                     windows.add(smoothing_window(len(y)))
-                plot_series(ax, m["step_a"], y, color=color, label=run.label, smooth=panel.smooth)
+                plot_series(ax, x0, y, color=color, label=run.label, smooth=panel.smooth,
+                            x_end=x1 if panel.smooth else None)
                 drawn.add(i)
             if panel.zero_line:
                 ax.axhline(0.0, color="0.4", lw=0.8, ls=":")
@@ -105,6 +115,9 @@ def dynamics_figure(runs: Sequence[Run | str] | Run | str) -> Figure:
         if windows:
             k = f"{next(iter(windows))} updates" if len(windows) == 1 else "n/25 updates (n: the run's pairs)"
             note = f"thin: per update; thick: rolling median over {k}"
+        if chords:
+            gap = "per-update panels: single updates only, no line across gaps between recorded windows"
+            note = f"{note}; {gap}" if note else gap
         keep = sorted(drawn)
         add_run_legend(fig, [runs[i] for i in keep], [colors[i] for i in keep], note)
         fig.suptitle("Training dynamics along the recorded path", fontsize=11.5)

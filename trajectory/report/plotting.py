@@ -98,12 +98,39 @@ def smoothing_window(n: int) -> int:
     return k + 1 - k % 2
 
 
+def contiguous_runs(step_a: np.ndarray, step_b: np.ndarray) -> list[slice]:
+    """Index ranges of pairs that follow each other without a gap (pair j+1 starts where pair j ends)."""
+    step_a, step_b = np.asarray(step_a), np.asarray(step_b)
+    if len(step_a) == 0:
+        return []
+    breaks = (np.nonzero(step_a[1:] != step_b[:-1])[0] + 1).tolist()
+    edges = [0, *breaks, len(step_a)]
+    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
 def plot_series(ax: Axes, x: np.ndarray, y: np.ndarray, *, color: str, label: str | None, smooth: bool = True,
-                marker: str | None = None) -> None:
-    """Per-pair values as a thin line, with a thick rolling median on top when the series is long and noisy."""
+                marker: str | None = None, x_end: np.ndarray | None = None) -> None:
+    """Per-pair values as a thin line, with a thick rolling median on top when the series is long and noisy.
+
+    With ``x_end`` (each pair's last step), pairs that are not contiguous (windows of dense records separated
+    by gaps) are drawn as separate pieces and smoothed within each piece, so no line or median bridges a gap."""
     x = np.asarray(x, dtype=float)
     y = np.asarray(y, dtype=float)
     k = smoothing_window(len(y)) if smooth else 0
+    pieces = contiguous_runs(x, x_end) if x_end is not None else []
+    if len(pieces) > 1:
+        for j, sl in enumerate(pieces):
+            xs, ys = x[sl], y[sl]
+            lab = label if j == 0 else None
+            kk = k if len(ys) >= max(k, 1) else 0
+            if len(ys) == 1:
+                ax.plot(xs, ys, color=color, ls="none", marker=marker or "o", ms=3, label=lab)
+            elif kk:
+                ax.plot(xs, ys, color=color, lw=0.7, alpha=0.3)
+                ax.plot(xs, rolling_median(ys, kk), color=color, lw=1.8, label=lab)
+            else:
+                ax.plot(xs, ys, color=color, lw=1.0, alpha=0.8 if smooth else 1.0, label=lab)
+        return
     if k:
         ax.plot(x, y, color=color, lw=0.7, alpha=0.3)
         ax.plot(x, rolling_median(y, k), color=color, lw=1.8, label=label)
