@@ -38,6 +38,7 @@ from .options import (
     parse_alphas,
     parse_eval,
     parse_spans,
+    pair_spans,
     parse_steps,
     select_pairs,
 )
@@ -546,6 +547,16 @@ def analyze(
         pairs = select_pairs(traj.steps, steps_spec)
         if not pairs:
             raise AnalysisError(f"--steps {steps!r} selects no pair of {traj.path}")
+        spans = pair_spans(traj.steps)[pairs]
+        n_chords = int((spans > 1).sum())
+        if n_chords and n_chords < len(pairs) and (dist is None or dist.rank == 0):
+            import warnings
+
+            warnings.warn(
+                f"{n_chords} of the {len(pairs)} selected pairs span more than one optimizer step (sparse records between "
+                f"dense ones): their curves are chords across several updates, not single SGD updates, and summaries mix "
+                f"both; --steps updates keeps the single updates" + ("; under --eval minibatch those pairs have no minibatch "
+                f"of their own and get NaN rows" if eval_spec.kind == "minibatch" else ""), stacklevel=2)
 
         bn_eff = bn if has_batchnorm(m) else "none"
         train_x = train_y = eval_x = eval_y = None
@@ -561,8 +572,11 @@ def analyze(
             if need_train:
                 train_x, train_y = source.tensors("train")
             if eval_spec.kind == "minibatch":
+                single = pair_spans(traj.steps) == 1
                 for i in pairs:
-                    batch_indices[i] = traj.batch_indices(i)
+                    # the minibatch stored under record i is that of the single update leaving it; a pair spanning
+                    # several updates has no minibatch of its own (its rows are NaN, not those of its first update)
+                    batch_indices[i] = traj.batch_indices(i) if single[i] else np.empty(0, dtype=np.int64)
                 if not any(len(v) for v in batch_indices.values()):
                     raise AnalysisError(f"{traj.path} records no minibatch indices for the selected pairs; use --eval subset:N, train or test")
                 top = max(int(v.max()) for v in batch_indices.values() if len(v))
@@ -605,6 +619,8 @@ def analyze(
             "data": source.ident if source is not None else "",
             "data_fingerprint": fp,
         }
+        if eval_spec.kind == "minibatch":
+            shared["minibatch"] = "single-update pairs only"  # rows of multi-step pairs are NaN (changed in 0.1)
         if bn_eff == "train" and eval_spec.kind != "minibatch":
             shared["bn_batch"] = int(bn_batch)
         if bn_eff == "recompute":

@@ -16,7 +16,8 @@ import numpy as np
 
 from .errors import AnalysisError
 
-__all__ = ["parse_alphas", "parse_steps", "parse_spans", "EvalSpec", "parse_eval", "select_pairs", "BN_POLICIES", "DTYPES", "LOSSES"]
+__all__ = ["parse_alphas", "parse_steps", "parse_spans", "EvalSpec", "parse_eval", "select_pairs", "pair_spans", "UPDATES",
+           "BN_POLICIES", "DTYPES", "LOSSES"]
 
 BN_POLICIES = ("train", "eval", "recompute")
 DTYPES = ("float32", "float64")
@@ -81,7 +82,8 @@ def parse_spans(value: str | int | Sequence[int] | None) -> list[int]:
 
 
 def parse_steps(value: str | Sequence[int] | None) -> list[tuple[int | None, int | None, int]] | list[int] | None:
-    """Return None for all pairs, else a list of items: ints (single steps) or (start, stop, every) tuples."""
+    """Return None for all pairs, else a list of items: ints (single steps), (start, stop, every) tuples, or
+    ``"updates"``: keep only pairs one optimizer step apart (single SGD updates), alone or with other items."""
     if value is None:
         return None
     if not isinstance(value, str):
@@ -93,6 +95,9 @@ def parse_steps(value: str | Sequence[int] | None) -> list[tuple[int | None, int
     for part in text.split(","):
         part = part.strip()
         if not part:
+            continue
+        if part == UPDATES:
+            items.append(UPDATES)
             continue
         if ":" in part:
             bits = part.split(":")
@@ -115,6 +120,16 @@ def parse_steps(value: str | Sequence[int] | None) -> list[tuple[int | None, int
     return items
 
 
+#: ``--steps`` item that keeps only single SGD updates (pairs whose records are one optimizer step apart)
+UPDATES = "updates"
+
+
+def pair_spans(steps: np.ndarray) -> np.ndarray:
+    """Optimizer steps covered by each pair (i, i+1): 1 for a single SGD update, more between sparse records."""
+    steps = np.asarray(steps)
+    return steps[1:] - steps[:-1]
+
+
 def select_pairs(steps: np.ndarray, spec) -> list[int]:
     """Record indices i of the selected pairs (i, i+1), given the archive's steps and a parsed --steps."""
     n_pairs = len(steps) - 1
@@ -123,6 +138,10 @@ def select_pairs(steps: np.ndarray, spec) -> list[int]:
     starts = steps[:-1]
     if spec is None:
         return list(range(n_pairs))
+    only_updates = UPDATES in spec
+    spec = [item for item in spec if item != UPDATES]
+    if not spec:
+        spec = [(None, None, 1)]
     chosen: set[int] = set()
     for item in spec:
         if isinstance(item, tuple):
@@ -134,6 +153,9 @@ def select_pairs(steps: np.ndarray, spec) -> list[int]:
             if len(pos) == 0:
                 raise AnalysisError(f"--steps: no recorded pair starts at step {item} (steps run {int(steps[0])}..{int(steps[-1])})")
             chosen.add(int(pos[0]))
+    if only_updates:
+        single = pair_spans(steps) == 1
+        chosen = {i for i in chosen if single[i]}
     return sorted(chosen)
 
 

@@ -16,20 +16,30 @@ Columns: ``a_star``, ``floor_loss``, ``floor_acc``, ``loss_a`` (L(θ_t)), ``loss
 
 Convexity tolerance: at every interior grid point, the loss may exceed the chord of its neighbours by
 at most ``convex_tol`` × (max − min of the curve on [0, 1]) + 1e-7 × max|L| (float32 resolution).
+
+Late in training a curve can be flatter than float32 can resolve. Per-sample losses carry rounding errors
+of about eps·|logit| (1e-6 nats for logits near 10), so a mean loss whose whole range along the update is
+below ~1e-6 nats has convexity, interior and a* decided by rounding. The metric warns once
+(:data:`FLAT_CURVE_NATS`); ``--dtype float64`` resolves such curves.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import torch
 
 from ..brent import bounded_brent, endpoint_brent, run_lockstep
 from ..errors import AnalysisError
 from ..metric import Metric
 from ..options import parse_alphas
 
-__all__ = ["Floor", "floor_from_grid", "is_convex"]
+__all__ = ["Floor", "floor_from_grid", "is_convex", "FLAT_CURVE_NATS"]
+
+#: under float32, curves whose range along the update is below this many nats are rounding noise (warned)
+FLAT_CURVE_NATS = 1e-6
 
 
 def is_convex(a: np.ndarray, f: np.ndarray, tol: float) -> bool:
@@ -110,6 +120,12 @@ class Floor(Metric):
                 out.append(float(l[0]))
             return out
 
+        if ctx.dtype == torch.float32:
+            flat = [k for k in range(len(units)) if np.all(np.isfinite(losses[k])) and np.ptp(losses[k]) < FLAT_CURVE_NATS]
+            if flat:
+                warnings.warn(
+                    f"some interpolation curves are flatter than {FLAT_CURVE_NATS:g} nats, below float32 resolution of the "
+                    "loss: their convex/interior/a* values are rounding noise; rerun with --dtype float64", stacklevel=2)
         results = run_lockstep(gens, evaluate) if gens else []
         for g, (xb, fb, nev) in enumerate(results):
             k = gen_unit[g]

@@ -2,8 +2,9 @@
 
 Columns: ``step_length`` ‖θ_{t+1} − θ_t‖, ``dist_init`` ‖θ_t − θ_0‖ and ``dist_init_b`` ‖θ_{t+1} − θ_0‖
 (θ_0 = the archive's first record), ``cos_prev`` cosine between this update and the previous one
-θ_t − θ_{t−1} (NaN for the first record), ``lr`` recorded learning rate of the update (NaN if none).
-Computed in float64.
+θ_t − θ_{t−1} (NaN for the first record, and NaN when the two pairs span different numbers of optimizer
+steps, e.g. a single update next to a chord across a gap between recorded windows: such a cosine compares
+unlike things), ``lr`` recorded learning rate of the update (NaN if none). Computed in float64.
 """
 from __future__ import annotations
 
@@ -19,18 +20,19 @@ __all__ = ["Geometry"]
 
 class Geometry(Metric):
     name = "geometry"
-    version = 1
+    version = 2  # 2: cos_prev is NaN across pairs of different step spans
     uses_data = False
     description = "step length, distance from the first record, cosine of consecutive updates"
 
     def compute(self, ctx: Any, units: Sequence[tuple[int, ...]]) -> list[dict[str, Any]]:
         p0 = ctx.params(0)
+        steps = ctx.steps
         rows = []
         for (i,) in units:
             pa, pb = ctx.params(i), ctx.params(i + 1)
             d = pb - pa
             step = float(torch.linalg.vector_norm(d))
-            if i > 0:
+            if i > 0 and steps[i + 1] - steps[i] == steps[i] - steps[i - 1]:
                 prev = pa - ctx.params(i - 1)
                 den = float(torch.linalg.vector_norm(prev)) * step
                 cos = float(torch.dot(d, prev)) / den if den > 0 else float("nan")
