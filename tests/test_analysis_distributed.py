@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_analysis_support import record_mlp
+from test_analysis_support import install_metric_plugin, record_mlp
 from trajectory.analysis import ResultsFile, analyze
 from trajectory.analysis.distributed import DistContext, partial_files
 
@@ -123,14 +123,7 @@ def test_two_gloo_processes_match_a_single_process_run(archive, reference, tmp_p
 
 @pytest.fixture()
 def slow_plugin(tmp_path):
-    d = tmp_path / "site"
-    d.mkdir()
-    (d / "sgdwalk_slowpair.py").write_text(SLOW_PLUGIN)
-    info = d / "sgdwalk_slowpair-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: sgdwalk-slowpair\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[sgdwalk.metrics]\nslowpair = sgdwalk_slowpair:SlowPair\n")
-    return d
+    return install_metric_plugin(tmp_path / "site", "sgdwalk_slowpair", SLOW_PLUGIN, "slowpair", "SlowPair")
 
 
 def _children(pid: int) -> list[int]:

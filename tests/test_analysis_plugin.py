@@ -12,7 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from test_analysis_support import record_mlp
+from test_analysis_support import install_metric_plugin, record_mlp
 from trajectory.analysis import ResultsFile, analyze
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,14 +37,7 @@ PLUGIN = textwrap.dedent('''
 
 @pytest.fixture()
 def plugin_dir(tmp_path):
-    d = tmp_path / "site"
-    d.mkdir()
-    (d / "sgdwalk_midloss.py").write_text(PLUGIN)
-    info = d / "sgdwalk_midloss-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: sgdwalk-midloss\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[sgdwalk.metrics]\nmidloss = sgdwalk_midloss:MidLoss\n")
-    return d
+    return install_metric_plugin(tmp_path / "site", "sgdwalk_midloss", PLUGIN, "midloss", "MidLoss")
 
 
 def _env(plugin_dir):

@@ -79,3 +79,16 @@ def brute_force(model: nn.Module, sa: dict, sb: dict, alphas, x, y, *, bn: str =
                 out_l.append(float(((out - y.double().view_as(out)) ** 2).mean()))
                 out_a.append(float("nan"))
     return np.array(out_l), np.array(out_a)
+
+
+def install_metric_plugin(site, module: str, source: str, metric: str, cls: str):
+    """'Install' a metric plug-in: its module plus a NAME.dist-info (METADATA + entry_points.txt) in ``site``,
+    which importlib.metadata discovers when ``site`` is on PYTHONPATH. Returns ``site``."""
+    site.mkdir(exist_ok=True)
+    (site / f"{module}.py").write_text(source)
+    dist = module.replace("_", "-")
+    info = site / f"{module}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[sgdwalk.metrics]\n{metric} = {module}:{cls}\n")
+    return site

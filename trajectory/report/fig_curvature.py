@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from .errors import ReportError
 from .load import MetricData, Run, as_runs
-from .plotting import STEP_LABEL, add_run_legend, new_figure, run_colors, style
+from .plotting import STEP_LABEL, add_run_legend, label_bottom_axes, new_figure, panel_grid, run_colors, style
 
 __all__ = ["curvature_figure", "esd_figure", "CURVATURE_METRICS"]
 
@@ -57,13 +57,8 @@ def curvature_figure(runs: Sequence[Run | str] | Run | str) -> Figure:
     if not panels:
         raise ReportError("no hessian_top, hessian_trace or sharpness rows to draw")
     colors = run_colors(len(runs))
-    ncols = 2 if len(panels) > 1 else 1
-    nrows = -(-len(panels) // ncols)
     with style():
-        fig = new_figure(11.0, 0.9 + 2.9 * nrows)
-        axes = list(fig.subplots(nrows, ncols, squeeze=False, sharex=True).ravel())
-        for ax in axes[len(panels):]:
-            ax.remove()
+        fig, axes, ncols = panel_grid(len(panels))
         drawn: set[int] = set()
         for ax, panel in zip(axes, panels):
             for i, (run, color) in enumerate(zip(runs, colors)):
@@ -86,10 +81,7 @@ def curvature_figure(runs: Sequence[Run | str] | Run | str) -> Figure:
             elif panel == "eps":
                 ax.set_title("ε-sharpness (Keskar et al.)", loc="left")
                 ax.set_ylabel(r"$100\,(L_\max - L) / (1 + L)$ (%)")
-        for j, ax in enumerate(axes[: len(panels)]):
-            if j + ncols >= len(panels):
-                ax.xaxis.set_tick_params(labelbottom=True)
-                ax.set_xlabel(STEP_LABEL)
+        label_bottom_axes(axes, ncols, STEP_LABEL)
         keep = sorted(drawn)
         add_run_legend(fig, [runs[i] for i in keep], [colors[i] for i in keep])
         fig.suptitle(f"Curvature over training, measured {_where(runs)}", fontsize=11.5)

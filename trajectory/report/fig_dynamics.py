@@ -14,7 +14,9 @@ from matplotlib.figure import Figure
 
 from .errors import ReportError
 from .load import Run, as_runs
-from .plotting import STEP_LABEL, add_run_legend, loss_label, new_figure, plot_series, run_colors, smoothing_window, style
+from .plotting import (
+    STEP_LABEL, add_run_legend, label_bottom_axes, loss_label, panel_grid, plot_series, run_colors, smoothing_window, style,
+)
 
 __all__ = ["dynamics_figure", "DYNAMICS_PANELS"]
 
@@ -72,14 +74,8 @@ def dynamics_figure(runs: Sequence[Run | str] | Run | str) -> Figure:
     if not panels:
         raise ReportError("no floor or geometry rows to draw")
     colors = run_colors(len(runs))
-    ncols = 2 if len(panels) > 1 else 1
-    nrows = -(-len(panels) // ncols)
     with style():
-        fig = new_figure(11.0, 0.9 + 2.9 * nrows)
-        grid = fig.subplots(nrows, ncols, squeeze=False, sharex=True)
-        axes = list(grid.ravel())
-        for ax in axes[len(panels):]:
-            ax.remove()
+        fig, axes, ncols = panel_grid(len(panels))
         windows: set[int] = set()
         drawn: set[int] = set()
         chords: set[int] = set()
@@ -106,11 +102,7 @@ def dynamics_figure(runs: Sequence[Run | str] | Run | str) -> Figure:
                 ax.axhline(0.0, color="0.4", lw=0.8, ls=":")
             ax.set_title(panel.title, loc="left")
             ax.set_ylabel(panel.ylabel(runs))
-        for j, ax in enumerate(axes[: len(panels)]):
-            below = j + ncols
-            if below >= len(panels):  # bottom of its column (the cell below may have been removed)
-                ax.xaxis.set_tick_params(labelbottom=True)
-                ax.set_xlabel(STEP_LABEL)
+        label_bottom_axes(axes, ncols, STEP_LABEL)
         note = None
         if windows:
             k = f"{next(iter(windows))} updates" if len(windows) == 1 else "n/25 updates (n: the run's pairs)"

@@ -98,6 +98,26 @@ def smoothing_window(n: int) -> int:
     return k + 1 - k % 2
 
 
+def panel_grid(n_panels: int) -> tuple[Figure, list[Axes], int]:
+    """A figure of ``n_panels`` panels, two per row, sharing the step axis (spare cells removed).
+    Call inside :func:`style`. Returns the figure, the panels' axes and the number of columns."""
+    ncols = 2 if n_panels > 1 else 1
+    nrows = -(-n_panels // ncols)
+    fig = new_figure(11.0, 0.9 + 2.9 * nrows)
+    axes = list(fig.subplots(nrows, ncols, squeeze=False, sharex=True).ravel())
+    for ax in axes[n_panels:]:
+        ax.remove()
+    return fig, axes[:n_panels], ncols
+
+
+def label_bottom_axes(axes: Sequence[Axes], ncols: int, xlabel: str) -> None:
+    """Tick labels and the x label on the lowest panel of each column (the cell below may have been removed)."""
+    for j, ax in enumerate(axes):
+        if j + ncols >= len(axes):
+            ax.xaxis.set_tick_params(labelbottom=True)
+            ax.set_xlabel(xlabel)
+
+
 def contiguous_runs(step_a: np.ndarray, step_b: np.ndarray) -> list[slice]:
     """Index ranges of pairs that follow each other without a gap (pair j+1 starts where pair j ends)."""
     step_a, step_b = np.asarray(step_a), np.asarray(step_b)
