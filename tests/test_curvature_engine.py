@@ -37,7 +37,7 @@ def eval_data():
     return x[idx].double(), y[idx]
 
 
-def exact_hessian(archive, state_fn, bn_batches: int | None = None, batchnorm: bool = False):
+def exact_hessian(archive, state_fn, bn_batches: int | None = None, batchnorm: bool = False, matrix: bool = False):
     """Hessian of the mean cross-entropy at the parameters state_fn(traj) gives, independent of the analyzer."""
     model = mlp_spec(batchnorm=batchnorm).build().double()
     with Trajectory(archive) as traj:
@@ -73,6 +73,8 @@ def exact_hessian(archive, state_fn, bn_batches: int | None = None, batchnorm: b
         return total
 
     H = torch.autograd.functional.hessian(f, p.double())
+    if matrix:
+        return H.numpy()
     return np.linalg.eigvalsh(H.numpy())[::-1], float(torch.trace(H)), float(f(p.double()))
 
 
@@ -171,3 +173,23 @@ def test_bad_options_fail_early(archive, tmp_path):
     for opts in ({"at": "middle"}, {"k": 0}, {"trace_method": "x"}, {"esd_grid": "1:0:5"}, {"hvp": "both"}):
         with pytest.raises(AnalysisError):
             run(archive, tmp_path / "bad.h5", options=opts)
+
+
+def test_update_alignment_matches_exact_eigenvectors(archive, tmp_path):
+    """Share of each recorded update in the top-3 eigenspace, against eigh of the autograd Hessian."""
+    rep = run(archive, tmp_path / "a.h5", metrics=["update_alignment"], options={"k": 3, "tol": 1e-10, "iters": 150})
+    t = rep.tables["update_alignment"].arrays()
+    assert t["pair"].tolist() == [0, 1]
+    for j, pair in enumerate(t["pair"]):
+        H = exact_hessian(archive, lambda traj: (traj.params(int(pair)), None), matrix=True)
+        w, V = np.linalg.eigh(H)
+        top = V[:, ::-1][:, :3]
+        with Trajectory(archive) as traj:
+            d = (traj.params(int(pair) + 1).double() - traj.params(int(pair)).double()).numpy()
+        proj = top.T @ d
+        assert t["top_fraction"][j] == pytest.approx(np.linalg.norm(proj) / np.linalg.norm(d), rel=1e-6)
+        assert np.allclose(t["cos_top"][j], np.abs(proj) / np.linalg.norm(d), rtol=1e-5, atol=1e-9)
+        assert np.allclose(t["eigenvalues"][j], w[::-1][:3], rtol=1e-6)
+        assert t["update_norm"][j] == pytest.approx(np.linalg.norm(d), rel=1e-12)
+        assert t["random_fraction"][j] == pytest.approx(math.sqrt(3 / len(d)))
+        assert t["converged"][j]

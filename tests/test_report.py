@@ -67,8 +67,8 @@ def multi(tmp_path_factory):
         res = d / f"{name}.results.h5"
         analyze(arch, res, eval="subset:200", spans="1,2", device="cpu")
         paths[name] = res
-    analyze(d / "a.h5", paths["a"], metrics=["hessian_top"], steps="0:12:4", eval="subset:200", device="cpu",
-            options={"iters": 20})
+    analyze(d / "a.h5", paths["a"], metrics=["hessian_top", "update_alignment"], steps="0:12:4", eval="subset:200",
+            device="cpu", options={"iters": 20, "k": 2})
     return paths
 
 
@@ -206,7 +206,7 @@ def test_multi_run_labels_overlays_and_curvature(multi, tmp_path):
     page = _parse(res.html)
     _assert_self_contained(page)
     assert page.rows["quantity"] == labels
-    assert any("no hessian_top / hessian_trace / sharpness rows in lr=0.3 b=32, lr=0.1 b=64" in n for n in res.notes)
+    assert any("no hessian_top / hessian_trace / sharpness / update_alignment rows in lr=0.3 b=32, lr=0.1 b=64" in n for n in res.notes)
     # λ_max range and barrier fractions per span against h5py
     with h5py.File(multi["a"], "r") as f:
         lam = _group(f, "hessian_top")["lambda_max"][()]
@@ -228,6 +228,14 @@ def test_multi_run_labels_overlays_and_curvature(multi, tmp_path):
     runs = load_runs(paths)
     for fn in (dynamics_figure, barriers_figure, curvature_figure):
         assert isinstance(fn(runs), Figure)
+    # the alignment panel: run a's top-2 share per record, and the random-direction baseline sqrt(k/n) dotted
+    ax = next(a for a in curvature_figure(runs).axes if "top-2 Hessian eigenspace" in a.get_title(loc="left"))
+    with h5py.File(multi["a"], "r") as f:
+        share = _group(f, "update_alignment")["top_fraction"][()]
+    ys = [np.asarray(line.get_ydata(), dtype=float) for line in ax.get_lines()]
+    assert any(len(y) == len(share) and np.allclose(y, share) for y in ys)
+    n_params = 40 * 16 + 16 + 16 * 10 + 10
+    assert any(np.allclose(y, np.sqrt(2 / n_params)) for y in ys)
     fig = interpolation_figure([str(p) for p in paths], "2:6")
     assert len(fig.axes) == 3 and all(ax.get_xlim() == (2.0, 6.0) for ax in fig.axes)
     if "matplotlib.pyplot" in sys.modules:
@@ -398,11 +406,15 @@ def test_per_update_panels_never_bridge_gaps_between_recorded_windows(sample_res
     m.arrays = {k: np.insert(v, 15, v[15]) for k, v in m.arrays.items()}
     m.arrays["step_a"][15], m.arrays["step_b"][15] = 15, 25
     fig = dynamics_figure([run])
+    checked = 0
     for ax in fig.axes:
-        if "Step length" not in ax.get_title() and "Height" not in ax.get_title():
+        title = ax.get_title(loc="left")
+        if "Step length" not in title and "Height" not in title:
             continue
+        checked += 1
         for line in ax.get_lines():
             x = np.asarray(line.get_xdata(), dtype=float)
             if len(x) > 1:
-                assert not ((x[:-1] < 15) & (x[1:] >= 25)).any(), ax.get_title()  # nothing spans the gap
+                assert not ((x[:-1] < 15) & (x[1:] >= 25)).any(), title  # nothing spans the gap
                 assert not np.isin(15, x)  # the chord is not an update
+    assert checked == 2

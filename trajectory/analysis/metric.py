@@ -41,6 +41,7 @@ _BUILTIN = {
     "hessian_trace": "trajectory.analysis.metrics.curvature:HessianTrace",
     "hessian_esd": "trajectory.analysis.metrics.curvature:HessianESD",
     "sharpness": "trajectory.analysis.metrics.curvature:Sharpness",
+    "update_alignment": "trajectory.analysis.metrics.curvature:UpdateAlignment",
 }
 _REGISTERED: dict[str, type] = {}
 

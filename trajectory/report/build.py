@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from .errors import ReportError
 from .fig_barriers import barriers_figure
-from .fig_curvature import curvature_figure, esd_figure
+from .fig_curvature import CURVATURE_METRICS, curvature_figure, esd_figure
 from .fig_dynamics import dynamics_figure
 from .fig_interpolation import floor_matches, interpolation_figure
 from .load import Run, load_runs
@@ -62,9 +62,10 @@ FIGURES: tuple[FigureSpec, ...] = (
         ("barriers",), lambda runs, window, max_pairs: barriers_figure(runs)),
     FigureSpec(
         "curvature", "Curvature over training",
-        "Top Hessian eigenvalue, Hessian trace, λ_max·lr/2 against the edge of stability (1), and ε-sharpness, at "
-        "the points the curvature metrics measured.",
-        ("hessian_top", "hessian_trace", "sharpness"), lambda runs, window, max_pairs: curvature_figure(runs)),
+        "Top Hessian eigenvalue, Hessian trace, λ_max·lr/2 against the edge of stability (1), ε-sharpness, and the "
+        "share of each update in the top-k Hessian eigenspace (dotted: a random direction's expected share), at the "
+        "points the curvature metrics measured.",
+        ("hessian_top", "hessian_trace", "sharpness", "update_alignment"), lambda runs, window, max_pairs: curvature_figure(runs)),
     FigureSpec(
         "esd", "Hessian spectrum",
         "Hessian eigenvalue density (stochastic Lanczos quadrature with Gaussian broadening) at up to six points per "
@@ -172,7 +173,7 @@ def build_report(
     os.makedirs(out, exist_ok=True)
 
     todo = [s for s in FIGURES if any(r.has(m) for r in runs for m in s.metrics)]
-    curvature = any(r.has(m) for r in runs for m in ("hessian_top", "hessian_trace", "hessian_esd", "sharpness"))
+    curvature = any(r.has(m) for r in runs for m in CURVATURE_METRICS)
     chosen = " matching --eval/--config" if eval is not None or configs else ""
     omitted = {s.name: f"{s.title}: omitted, no results file has {' / '.join(s.metrics)} rows{chosen}"
                for s in FIGURES if s not in todo and (s.name != "esd" or curvature)}

@@ -21,7 +21,7 @@ from .plotting import STEP_LABEL, add_run_legend, label_bottom_axes, new_figure,
 
 __all__ = ["curvature_figure", "esd_figure", "CURVATURE_METRICS"]
 
-CURVATURE_METRICS = ("hessian_top", "hessian_trace", "hessian_esd", "sharpness")
+CURVATURE_METRICS = ("hessian_top", "hessian_trace", "hessian_esd", "sharpness", "update_alignment")
 
 
 def _x(m: MetricData) -> np.ndarray:
@@ -54,8 +54,10 @@ def curvature_figure(runs: Sequence[Run | str] | Run | str) -> Figure:
         panels.insert(1 if panels else 0, "trace")
     if any(r.has("sharpness") for r in runs):
         panels.append("eps")
+    if any(r.has("update_alignment") for r in runs):
+        panels.append("align")
     if not panels:
-        raise ReportError("no hessian_top, hessian_trace or sharpness rows to draw")
+        raise ReportError("no hessian_top, hessian_trace, sharpness or update_alignment rows to draw")
     colors = run_colors(len(runs))
     with style():
         fig, axes, ncols = panel_grid(len(panels))
@@ -78,6 +80,14 @@ def curvature_figure(runs: Sequence[Run | str] | Run | str) -> Figure:
                 ax.set_ylabel(r"$\lambda_\max \cdot \eta / 2$")
                 lo, hi = ax.get_ylim()
                 ax.set_ylim(min(0.0, lo), max(1.2, hi))
+            elif panel == "align":
+                ks = sorted({int(m.config.get("options", {}).get("k", 0)) for r in runs
+                             if (m := r.get("update_alignment")) is not None})
+                k = str(ks[0]) if len(ks) == 1 else "k"
+                ax.set_title(f"Share of each update in the top-{k} Hessian eigenspace", loc="left")
+                ax.set_ylabel(r"$\Vert V_k^\top \Delta\theta\Vert / \Vert\Delta\theta\Vert$")
+                lo, hi = ax.get_ylim()
+                ax.set_ylim(0.0, max(hi, 0.05))
             elif panel == "eps":
                 ax.set_title("ε-sharpness (Keskar et al.)", loc="left")
                 ax.set_ylabel(r"$100\,(L_\max - L) / (1 + L)$ (%)")
@@ -107,6 +117,13 @@ def _draw(ax: Axes, panel: str, run: Run, color: str) -> bool:
         if m is None:
             return False
         ax.plot(_x(m), m["eps_sharpness"], **marker)
+    elif panel == "align":
+        m = run.get("update_alignment")
+        if m is None:
+            return False
+        ax.plot(_x(m), m["top_fraction"], **marker)
+        # a random direction's expected share (dotted, same colour): the no-alignment baseline
+        ax.plot(_x(m), m["random_fraction"], color=marker.get("color"), lw=0.9, ls=":")
     return True
 
 

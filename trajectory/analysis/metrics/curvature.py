@@ -37,7 +37,7 @@ from ..curvature.sharpness import eps_sharpness, gaussian_increase
 from ..errors import AnalysisError
 from ..metric import Metric
 
-__all__ = ["HessianTop", "HessianTrace", "HessianESD", "Sharpness"]
+__all__ = ["HessianTop", "HessianTrace", "HessianESD", "Sharpness", "UpdateAlignment"]
 
 _COMMON = {"at": "record", "seed": 0, "hvp": "rev", "operator": "hessian"}
 _BLOCK = 8  # vectors per batched HVP pass
@@ -326,3 +326,57 @@ class Sharpness(_Curvature):
         s = rows.get("eps_sharpness", [])
         return {"pairs": len(s), "median_eps_sharpness": _med(s), "median_gauss_increase": _med(rows["gauss_increase"]),
                 "median_eos_ratio": _med(rows["eos_ratio"])} if len(s) else {}
+
+
+class UpdateAlignment(_Curvature):
+    """How much of each SGD update lies in the top-k Hessian eigenspace (the resubmission's claim that large-batch
+    gradients align with the top eigenvectors).
+
+    The update d = θ_{i+1} − θ_i is what the optimizer actually did: for plain SGD it is −lr·(minibatch gradient),
+    so its direction is the gradient's; with momentum or weight decay it is the step taken, not the raw gradient.
+    The eigenvectors are those of the evaluation-data Hessian at ``at`` (default the record θ_i, where the step
+    started). A random direction has an expected top fraction of about sqrt(k / n_params), stored for reference.
+    """
+
+    name = "update_alignment"
+    version = 1
+    tag = 5
+    defaults = {**_COMMON, "k": 5, "iters": 100, "tol": 1e-4}
+    description = "share of each update in the top-k Hessian eigenspace, and |cos| with each top eigenvector"
+
+    def validate(self) -> None:
+        super().validate()
+        o = self.options
+        _int(o, "k")
+        _int(o, "iters")
+        _pos(o, "tol")
+
+    def compute_one(self, ctx, pair, obj, p, state, a):
+        o = self.options
+        n = p.numel()
+        k = min(o["k"], n)
+        r = top_eigen(obj.matmat(p, _BLOCK), n, k, iters=o["iters"], tol=o["tol"], which="LA",
+                      gen=self.generator(pair), like=p)
+        d = (ctx.params(pair + 1) - ctx.params(pair)).to(p.device, torch.float64)
+        norm = float(torch.linalg.vector_norm(d))
+        V = r.vectors.to(torch.float64)
+        proj = (V @ d).cpu().numpy() if norm > 0 else np.full(len(V), np.nan)
+        cos = np.abs(proj) / norm if norm > 0 else proj
+        pad = o["k"] - k
+        return {
+            "top_fraction": float(np.sqrt(np.nansum(proj ** 2)) / norm) if norm > 0 else float("nan"),
+            "cos_top": np.pad(cos, (0, pad), constant_values=np.nan),
+            "eigenvalues": np.pad(r.values, (0, pad), constant_values=np.nan),
+            "random_fraction": float(np.sqrt(k / n)),
+            "update_norm": norm, "lambda_max": float(r.values[0]), "a": a, "converged": bool(r.converged),
+        }
+
+    def nan_row(self, ctx, a):
+        k, nan = self.options["k"], float("nan")
+        return {"top_fraction": nan, "cos_top": np.full(k, nan), "eigenvalues": np.full(k, nan), "random_fraction": nan,
+                "update_norm": nan, "lambda_max": nan, "a": a, "converged": False}
+
+    def summarize(self, rows):
+        f = rows.get("top_fraction", [])
+        return {"pairs": len(f), "median_top_fraction": _med(f), "median_random_fraction": _med(rows["random_fraction"]),
+                "median_cos_top1": _med(np.asarray(rows["cos_top"])[:, 0]) if len(f) else float("nan")} if len(f) else {}
