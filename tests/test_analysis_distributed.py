@@ -291,3 +291,18 @@ def test_table_merge_and_adopt_keep_rows_computed_honest():
     assert a.rows[(0,)]["x"] == 1.0 and a.rows[(1,)]["x"] == 2.0 and (2,) not in a.rows
     assert a.rows_computed == len(a) == 2
     assert b.arrays(own=True)["pair"].tolist() == [0, 1] and b.arrays()["pair"].tolist() == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_an_error_on_one_rank_stops_every_rank_with_one_line(archive, tmp_path):
+    """Rank 0 finds a results file of another archive: every rank exits with status 2 and one error line, no hang."""
+    other = record_mlp(tmp_path / "other.h5", steps=3, seed=5)
+    out = tmp_path / "taken.h5"
+    analyze(other, out, eval="subset:100", metrics=["geometry"], distributed=False)
+    p = _torchrun(2, [archive, "--out", str(out), "--eval", "subset:100", "-q"])
+    _, stderr = p.communicate(timeout=300)
+    assert p.returncode != 0
+    errors = [ln for ln in stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 2 and all("different archive" in ln for ln in errors), stderr[-2000:]
+    assert partial_files(out) == []  # the check runs before any rank opens a partial file
+    assert sum(t.rows_computed for t in _tables(out).values()) == 3  # the other archive's results are untouched

@@ -538,6 +538,8 @@ def analyze(
     traj = Trajectory(archive) if own else archive
     records = None
     store = None
+    final = None
+    handed_over = False  # distributed: run_distributed owns the stores and the process group from then on
     try:
         if len(traj) < 2:
             raise AnalysisError(f"{traj.path} holds {len(traj)} record(s); the analyzer needs at least two consecutive records")
@@ -652,7 +654,6 @@ def analyze(
             "archive_provenance": _provenance_json(traj),
         }
         archive_id = archive_identity(traj)
-        final = None
         if dist is None:
             from .distributed import merge_partials, partial_files
 
@@ -682,6 +683,7 @@ def analyze(
         from .distributed import run_distributed
 
         part, store = store, None  # run_distributed closes the partial file (and the final one on rank 0)
+        handed_over = True
         return run_distributed(dist, run, ctx, instances, configs, tables, part, final, out_path,
                                flush_seconds=flush_seconds, progress=progress, on_block=on_block, t0=t0,
                                curvature_split=curvature_split)
@@ -690,6 +692,10 @@ def analyze(
             records.close()
         if store is not None:
             store.close()
+        if dist is not None and not handed_over:  # failed before the distributed body: release lock and group
+            if final is not None:
+                final.close()
+            dist.close()
         if own:
             traj.close()
 
