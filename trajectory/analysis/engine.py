@@ -549,8 +549,8 @@ def analyze(
         pairs = select_pairs(traj.steps, steps_spec)
         if not pairs:
             raise AnalysisError(f"--steps {steps!r} selects no pair of {traj.path}")
-        spans = pair_spans(traj.steps)[pairs]
-        n_chords = int((spans > 1).sum())
+        single = pair_spans(traj.steps) == 1  # pairs that are one SGD update (not chords across sparse records)
+        n_chords = int((~single[pairs]).sum())
         if n_chords and n_chords < len(pairs) and (dist is None or dist.rank == 0):
             import warnings
 
@@ -574,7 +574,6 @@ def analyze(
             if need_train:
                 train_x, train_y = source.tensors("train")
             if eval_spec.kind == "minibatch":
-                single = pair_spans(traj.steps) == 1
                 for i in pairs:
                     # the minibatch stored under record i is that of the single update leaving it; a pair spanning
                     # several updates has no minibatch of its own (its rows are NaN, not those of its first update)

@@ -123,13 +123,11 @@ def _med(x) -> float:
     return float(np.median(x)) if len(x) else float("nan")
 
 
-class HessianTop(_Curvature):
-    name = "hessian_top"
-    version = 1
-    tag = 1
-    defaults = {**_COMMON, "k": 1, "iters": 100, "tol": 1e-4, "eig_method": "lanczos", "eig_which": "LA",
-                "store_vectors": False}
-    description = "top-k Hessian eigenvalues by Lanczos, residuals, edge-of-stability ratio"
+_EIGEN = {"k": 1, "iters": 100, "tol": 1e-4, "eig_method": "lanczos", "eig_which": "LA"}
+
+
+class _TopEigen(_Curvature):
+    """Curvature metrics built on the top-k Hessian eigenpairs at the point (options of :data:`_EIGEN`)."""
 
     def validate(self) -> None:
         super().validate()
@@ -139,18 +137,40 @@ class HessianTop(_Curvature):
         _pos(o, "tol")
         _choice(o, "eig_method", ("lanczos", "power"))
         _choice(o, "eig_which", ("LA", "LM"))
-        o["store_vectors"] = bool(o["store_vectors"])
+
+    def eigenpairs(self, obj, p: torch.Tensor, pair: int):
+        """Top min(k, n) eigenpairs of the objective's operator at p, random start seeded by (seed, pair, metric)."""
+        o = self.options
+        k = min(o["k"], p.numel())
+        return top_eigen(obj.matmat(p, _BLOCK), p.numel(), k, iters=o["iters"], tol=o["tol"], which=o["eig_which"],
+                         gen=self.generator(pair), like=p, method=o["eig_method"])
+
+    def padded(self, values) -> np.ndarray:
+        """A per-eigenpair column padded with NaN to the configured k (models with fewer parameters than k)."""
+        values = np.asarray(values, dtype=np.float64)
+        return np.pad(values, (0, self.options["k"] - len(values)), constant_values=np.nan)
+
+
+class HessianTop(_TopEigen):
+    name = "hessian_top"
+    version = 1
+    tag = 1
+    defaults = {**_COMMON, **_EIGEN, "store_vectors": False}
+    description = "top-k Hessian eigenvalues by Lanczos, residuals, edge-of-stability ratio"
+
+    def validate(self) -> None:
+        super().validate()
+        self.options["store_vectors"] = bool(self.options["store_vectors"])
 
     def compute_one(self, ctx, pair, obj, p, state, a):
         o = self.options
-        k = min(o["k"], p.numel())
-        r = top_eigen(obj.matmat(p, _BLOCK), p.numel(), k, iters=o["iters"], tol=o["tol"], which=o["eig_which"],
-                      gen=self.generator(pair), like=p, method=o["eig_method"])
+        r = self.eigenpairs(obj, p, pair)
+        k = len(r.values)
         lr = ctx.lr(pair)
         lam = float(r.values[0])
         row = {
-            "eigenvalues": np.pad(r.values, (0, o["k"] - k), constant_values=np.nan),
-            "residuals": np.pad(r.residuals, (0, o["k"] - k), constant_values=np.nan),
+            "eigenvalues": self.padded(r.values),
+            "residuals": self.padded(r.residuals),
             "lambda_max": lam, "lr": lr, "eos_ratio": lam * lr / 2.0, "loss": obj.loss(p), "a": a,
             "iters": int(r.iters), "matvecs": int(r.matvecs), "converged": bool(r.converged),
         }
@@ -328,7 +348,7 @@ class Sharpness(_Curvature):
                 "median_eos_ratio": _med(rows["eos_ratio"])} if len(s) else {}
 
 
-class UpdateAlignment(_Curvature):
+class UpdateAlignment(_TopEigen):
     """How much of each SGD update lies in the top-k Hessian eigenspace (the resubmission's claim that large-batch
     gradients align with the top eigenvectors).
 
@@ -341,32 +361,22 @@ class UpdateAlignment(_Curvature):
     name = "update_alignment"
     version = 1
     tag = 5
-    defaults = {**_COMMON, "k": 5, "iters": 100, "tol": 1e-4}
+    defaults = {**_COMMON, **_EIGEN, "k": 5}
     description = "share of each update in the top-k Hessian eigenspace, and |cos| with each top eigenvector"
 
-    def validate(self) -> None:
-        super().validate()
-        o = self.options
-        _int(o, "k")
-        _int(o, "iters")
-        _pos(o, "tol")
-
     def compute_one(self, ctx, pair, obj, p, state, a):
-        o = self.options
         n = p.numel()
-        k = min(o["k"], n)
-        r = top_eigen(obj.matmat(p, _BLOCK), n, k, iters=o["iters"], tol=o["tol"], which="LA",
-                      gen=self.generator(pair), like=p)
+        r = self.eigenpairs(obj, p, pair)
+        k = len(r.values)
         d = (ctx.params(pair + 1) - ctx.params(pair)).to(p.device, torch.float64)
         norm = float(torch.linalg.vector_norm(d))
         V = r.vectors.to(torch.float64)
         proj = (V @ d).cpu().numpy() if norm > 0 else np.full(len(V), np.nan)
         cos = np.abs(proj) / norm if norm > 0 else proj
-        pad = o["k"] - k
         return {
             "top_fraction": float(np.sqrt(np.nansum(proj ** 2)) / norm) if norm > 0 else float("nan"),
-            "cos_top": np.pad(cos, (0, pad), constant_values=np.nan),
-            "eigenvalues": np.pad(r.values, (0, pad), constant_values=np.nan),
+            "cos_top": self.padded(cos),
+            "eigenvalues": self.padded(r.values),
             "random_fraction": float(np.sqrt(k / n)),
             "update_norm": norm, "lambda_max": float(r.values[0]), "a": a, "converged": bool(r.converged),
         }
