@@ -1,0 +1,75 @@
+"""Results files written by an earlier release are reused by the current analyzer: 0 rows computed, values unchanged.
+
+The fixtures in tests/data/ were written by the analyzer at commit 178cb86, before the engine was split into
+plan/replay/run modules and before the evaluation strategy was recorded (see tests/data/README.md). If this test
+fails because the configuration hash of a metric changed, existing users' results would be recomputed: that is a
+behaviour change to make deliberately (bump the metric's ``version``) and to announce, not to absorb by editing the
+fixtures.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from trajectory.analysis import ResultsFile, analyze
+from trajectory.analysis.errors import ResultsMismatchError
+
+HERE = os.path.dirname(__file__)
+DATA = os.path.join(HERE, "data")
+SAMPLE = os.path.join(HERE, "..", "sample_data", "mnist1d_mlp.h5")
+
+
+def _snapshot(path: str) -> dict:
+    f = ResultsFile(path, "r")
+    return {key: (t.config_json, t.arrays()) for key, t in f.tables.items()}
+
+
+def _same(before: dict, after: dict) -> None:
+    assert set(before) <= set(after), f"tables lost: {set(before) - set(after)}"
+    for key, (cfg, arrays) in before.items():
+        cfg2, arrays2 = after[key]
+        assert cfg2 == cfg, f"{key}: stored configuration changed"
+        assert set(arrays2) == set(arrays), key
+        for col, arr in arrays.items():
+            np.testing.assert_array_equal(arrays2[col], arr, err_msg=f"{key} column {col}")
+
+
+def _analyze(archive: str, out: str, **kw):
+    try:
+        return analyze(archive, out, device="cpu", **kw)
+    except ResultsMismatchError as err:  # pragma: no cover - only if archive_identity() is redefined
+        pytest.fail(f"the fixture results no longer match their archive ({err}); a changed archive identity makes "
+                    "every existing results file unusable: migrate old identities or regenerate the fixtures deliberately")
+
+
+def _check_all_reused(rep, expected_units: dict[str, int]) -> None:
+    assert sum(rep.computed.values()) == 0, f"recomputed rows: {rep.computed}"
+    for name, n in expected_units.items():
+        assert rep.reused[name] == n, (name, rep.reused)
+
+
+def test_default_metrics_of_the_sample_archive_are_reused(tmp_path):
+    out = tmp_path / "old.results.h5"
+    shutil.copy(os.path.join(DATA, "mnist1d_mlp_0-6.results.h5"), out)
+    before = _snapshot(str(out))
+    rep = _analyze(SAMPLE, str(out), steps="0:6", eval="subset:200", alphas="0:1:11", progress=False)
+    _check_all_reused(rep, {"interpolation": 6, "floor": 6, "geometry": 6, "barriers": 5})
+    _same(before, _snapshot(str(out)))
+
+
+def test_batchnorm_archive_default_and_curvature_metrics_are_reused(tmp_path):
+    arch = tmp_path / "cnn_bn_tiny.h5"
+    out = tmp_path / "cnn_bn_tiny.results.h5"
+    shutil.copy(os.path.join(DATA, "cnn_bn_tiny.h5"), arch)
+    shutil.copy(os.path.join(DATA, "cnn_bn_tiny.results.h5"), out)
+    before = _snapshot(str(out))
+    kw = dict(eval="subset:100", alphas="0:1:11", progress=False)
+    rep = _analyze(str(arch), str(out), **kw)
+    _check_all_reused(rep, {"interpolation": 6, "floor": 6, "geometry": 6, "barriers": 5})
+    rep = _analyze(str(arch), str(out), metrics=["hessian_top", "sharpness"],
+                   options={"k": 2, "iters": 20, "ascent_steps": 2, "noise_draws": 2}, **kw)
+    _check_all_reused(rep, {"hessian_top": 6, "sharpness": 6})
+    _same(before, _snapshot(str(out)))
