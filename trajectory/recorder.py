@@ -74,6 +74,42 @@ def _spec_json(spec: Any) -> str:
     raise TypeError(f"a spec must be a Spec, a 'module:factory' string or (target, kwargs), not {type(spec).__name__}")
 
 
+def _scrubbed_argv(argv: list[str]) -> list[str]:
+    """The command line as provenance, without this machine's paths.
+
+    ``argv[0]`` (the script or console-script path, e.g. ``/home/me/venv/bin/sgdwalk``) keeps only
+    its file name; other absolute paths inside the working directory become relative to it, and
+    absolute paths outside it keep only their file name. Archives are shared; where they were built is
+    not part of the run.
+    """
+    cwd = os.getcwd()
+    out = []
+    for k, arg in enumerate(argv):
+        arg = str(arg)
+        if k == 0:
+            arg = os.path.basename(arg)
+        elif os.path.isabs(arg):
+            arg = os.path.relpath(arg, cwd) if arg.startswith(cwd + os.sep) else os.path.basename(arg)
+        out.append(arg)
+    return out
+
+
+def _main_module_warning(model: torch.nn.Module) -> None:
+    """Say once, at start, how to make an archive of a model defined in the training script analysable."""
+    cls = type(model)
+    if cls.__module__ != "__main__":
+        return
+    script = os.path.basename(getattr(sys.modules.get("__main__"), "__file__", "") or "") or "your_script.py"
+    warnings.warn(
+        f"sgdwalk: the model class {cls.__qualname__} is defined in the running script (__main__), so the archive "
+        f"cannot name it; to analyse it later pass model_spec='{os.path.splitext(script)[0]}:{cls.__qualname__}' "
+        f"(and data_spec=...) here, or analyse with `sgdwalk analyze RUN --model ./{script}:{cls.__qualname__} "
+        f"--data ./{script}:make_data` or analyze(RUN, model={cls.__qualname__}(), data=dataset); "
+        f"keep the training under `if __name__ == \"__main__\":` so importing {script} does not train",
+        stacklevel=3,
+    )
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.tolist()
@@ -168,8 +204,18 @@ class Recorder:
         locking: bool | None = None,
         start_step: int | None = None,
     ):
+        from .specs import importing_spec
+
+        spec_module = importing_spec()
+        if spec_module is not None:
+            raise RecorderError(
+                f"a Recorder for {os.fspath(path)} was opened while sgdwalk imported {spec_module!r} for a model/data "
+                "spec: that module trains when imported; put its training code under `if __name__ == \"__main__\":`"
+            )
         self.path = os.fspath(path)
         self.model = model
+        if model_spec is None:
+            _main_module_warning(model)
         self.schedule = parse_schedule(schedule) if isinstance(schedule, str) else (schedule or Every())
         self.indices = indices
         self.optimizer = optimizer
@@ -188,7 +234,7 @@ class Recorder:
             "h5py_version": h5py.version.version,
             "hdf5_version": h5py.version.hdf5_version,
             "python_version": sys.version.split()[0],
-            "argv": list(sys.argv),
+            "argv": _scrubbed_argv(list(sys.argv)),
             "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
             "model_spec": _spec_json(model_spec),
             "data_spec": _spec_json(data_spec),

@@ -9,7 +9,11 @@ Spec string format
 ------------------
 * ``target`` is ``"package.module:attribute"``: a dotted, importable module path, a colon, and a
   (possibly dotted) attribute path inside that module, e.g. ``"trajectory.zoo.models:mlp"`` or
-  ``"mylab.nets:make_wide_resnet"``. Every component must be a Python identifier.
+  ``"mylab.nets:make_wide_resnet"``. Every component must be a Python identifier. Modules are
+  also looked up in the current working directory (``"net:Net"`` finds ``./net.py``).
+* ``target`` may instead be ``"path/to/file.py:attribute"``: the file is loaded as a module under a
+  private name (never as ``__main__``, so its ``if __name__ == "__main__":`` block does not run).
+  Relative paths are relative to the current working directory.
 * ``kwargs`` is a JSON object (string keys; numbers, strings, booleans, null, lists and nested
   objects). Tuples become lists, exactly as they will be after a JSON round trip.
 * Canonical text (:meth:`Spec.to_json`): ``json.dumps({"target": ..., "kwargs": ...}, sort_keys=True)``.
@@ -23,9 +27,14 @@ Model factory: ``factory(**kwargs) -> torch.nn.Module``. Given the same kwargs a
 same state-dict keys; the archive's layout table is checked against that state dict.
 
 Data factory: ``factory(split: str = "train", augment: bool = False, **kwargs) -> Dataset``.
+A factory (or Dataset class) that takes no ``split``/``augment`` parameters is accepted too: it is
+taken to build the training split, and asking it for ``split="test"`` (``--eval test``) fails with
+one line that says so.
 
 * It returns a map-style ``torch.utils.data.Dataset`` (``__len__`` and ``__getitem__``) whose items
-  are ``(x, y)`` pairs with ``y`` an integer class label (a Python ``int`` or a 0-d integer tensor).
+  are ``(x, y)`` pairs with ``y`` an integer class label (a Python ``int`` or a 0-d integer tensor),
+  or dicts with a ``labels``/``label`` key (Hugging Face style; the other numeric fields are the
+  inputs, see :func:`trajectory.analysis.data.materialize` and :mod:`trajectory.adapters`).
 * ``split`` is ``"train"`` or ``"test"``. The recorder's minibatch indices refer to the ``"train"``
   split **in dataset order**, so that order must be a deterministic function of the kwargs: the
   same kwargs in another process must give the same example at the same index.
@@ -41,14 +50,28 @@ if it is one of sgdwalk's own zoo factories (:attr:`Spec.is_builtin`) or the cal
 *before importing anything*, so a spec such as ``"os:system"`` read from a downloaded archive can do
 nothing. Specs named by the user on the command line (``--model``/``--data``) are the user's choice
 and are built trusted by the CLI.
+
+Importing never trains
+----------------------
+While a spec's module is imported for analysis, :func:`importing_spec` names it; a
+:class:`~trajectory.Recorder` opened during that import (a training script without an
+``if __name__ == "__main__":`` guard) raises :class:`~trajectory.errors.RecorderError` with one line
+that says so, instead of silently starting a second training run.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import importlib
+import importlib.util
 import inspect
 import json
 import math
+import os
 import re
+import sys
+import threading
+from collections.abc import Iterator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -75,6 +98,7 @@ __all__ = [
     "build_dataset",
     "size_model_spec",
     "SPLITS",
+    "importing_spec",
 ]
 
 #: The dataset splits every data factory must accept.
@@ -82,12 +106,90 @@ SPLITS: tuple[str, ...] = ("train", "test")
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _TARGET_RE = re.compile(rf"{_IDENT}(?:\.{_IDENT})*:{_IDENT}(?:\.{_IDENT})*")
+#: "path/to/file.py:attr": any path without a colon or a newline, ending in .py
+_FILE_TARGET_RE = re.compile(rf"[^:\n\x00]+\.py:{_IDENT}(?:\.{_IDENT})*")
 _BUILTIN_TARGETS = builtin_targets()
 
 _TRUST_HINT = (
     "pass --trust-specs (CLI) or trusted=True (API) if you trust where it came from, "
     "or pass --model/--data explicitly"
 )
+
+
+_IMPORTING = threading.local()
+
+
+def importing_spec() -> str | None:
+    """The module a spec import is loading right now in this thread, or None.
+
+    The recorder asks this so that a training script imported for its model class (a module without
+    an ``if __name__ == "__main__":`` guard) fails at once instead of training again.
+    """
+    stack = getattr(_IMPORTING, "stack", None)
+    return stack[-1] if stack else None
+
+
+@contextlib.contextmanager
+def _importing(module: str) -> Iterator[None]:
+    stack = getattr(_IMPORTING, "stack", None)
+    if stack is None:
+        stack = _IMPORTING.stack = []
+    stack.append(module)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def _import_file(path: str) -> Any:
+    """Load ``path`` (a .py file) as a module under a private name, once per absolute path.
+
+    The private name (``_sgdwalk_spec_<stem>_<hash>``) is never ``__main__``, so the file's
+    ``if __name__ == "__main__":`` block does not run; the module is kept in ``sys.modules`` so that
+    classes defined there stay picklable and a second build does not execute the file again.
+    """
+    full = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isfile(full):
+        raise SpecError(f"spec file {path!r} does not exist (relative paths start at {os.getcwd()})")
+    stem = re.sub(r"\W", "_", os.path.splitext(os.path.basename(full))[0])
+    name = f"_sgdwalk_spec_{stem}_{hashlib.sha1(full.encode()).hexdigest()[:10]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, full)
+    if spec is None or spec.loader is None:  # pragma: no cover - a .py path always has a loader
+        raise SpecError(f"cannot load {path!r} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    folder = os.path.dirname(full)
+    added = folder not in sys.path
+    if added:  # sibling modules of the file import as they do when it runs as a script
+        sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    finally:
+        if added and folder in sys.path:
+            sys.path.remove(folder)
+    return module
+
+
+def _import_module(module: str) -> Any:
+    """``importlib.import_module`` that also finds modules in the current working directory.
+
+    The ``sgdwalk`` console script does not put the working directory on ``sys.path`` (``python -m``
+    does), so ``--model net:Net`` next to ``net.py`` would otherwise fail with "No module named 'net'".
+    """
+    cwd = os.getcwd()
+    added = "" not in sys.path and cwd not in sys.path
+    if added:
+        sys.path.append(cwd)  # after site-packages: never shadows an installed package
+    try:
+        return importlib.import_module(module)
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
 
 
 def _one_line(text: object) -> str:
@@ -133,10 +235,12 @@ class Spec:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.target, str) or not _TARGET_RE.fullmatch(self.target):
+        if not isinstance(self.target, str) or not (
+            _TARGET_RE.fullmatch(self.target) or _FILE_TARGET_RE.fullmatch(self.target)
+        ):
             raise SpecError(
                 f"malformed spec target {self.target!r}: expected 'package.module:factory' "
-                "made of Python identifiers, e.g. 'trajectory.zoo.models:mlp'"
+                "made of Python identifiers, e.g. 'trajectory.zoo.models:mlp', or 'path/to/file.py:factory'"
             )
         object.__setattr__(self, "kwargs", _canonical_kwargs(self.kwargs, f"spec {self.target!r}"))
 
@@ -158,13 +262,18 @@ class Spec:
     # ------------------------------------------------------------------ introspection
     @property
     def module(self) -> str:
-        """The importable module part of :attr:`target` (before the colon)."""
-        return self.target.partition(":")[0]
+        """The importable module part of :attr:`target` (before the colon), or the .py file path."""
+        return self.target.rpartition(":")[0]
 
     @property
     def attribute(self) -> str:
         """The attribute path inside :attr:`module` (after the colon)."""
-        return self.target.partition(":")[2]
+        return self.target.rpartition(":")[2]
+
+    @property
+    def is_file(self) -> bool:
+        """True for ``"path/to/file.py:factory"`` targets (loaded from a file, not imported by name)."""
+        return self.module.endswith(".py")
 
     @property
     def is_builtin(self) -> bool:
@@ -252,10 +361,14 @@ class Spec:
                 f"and sgdwalk never runs code named by an archive unless asked; {_TRUST_HINT}"
             )
         try:
-            obj: Any = importlib.import_module(self.module)
+            with _importing(self.module):
+                obj: Any = _import_file(self.module) if self.is_file else _import_module(self.module)
         except ImportError as err:
+            hint = ""
+            if isinstance(err, ModuleNotFoundError) and err.name == self.module.split(".")[0]:
+                hint = f" (not installed, not on PYTHONPATH and not in {os.getcwd()}; a file path works too: 'path/to/{self.module.replace('.', '/')}.py:{self.attribute}')"
             raise SpecError(
-                f"cannot import module {self.module!r} for spec {self.target!r}: {_one_line(err)}"
+                f"cannot import module {self.module!r} for spec {self.target!r}: {_one_line(err)}{hint}"
             ) from err
         walked = self.module
         for part in self.attribute.split("."):
@@ -291,6 +404,7 @@ class Spec:
         except (TypeError, ValueError):  # some builtins have no introspectable signature
             signature = None
         if signature is not None:
+            kwargs = self._drop_runtime_flags(signature, kwargs, overrides)
             try:
                 signature.bind(**kwargs)
             except TypeError as err:
@@ -305,6 +419,29 @@ class Spec:
             raise SpecError(
                 f"spec {self} failed to build: {type(err).__name__}: {_one_line(err)}"
             ) from err
+
+
+    def _drop_runtime_flags(self, signature: inspect.Signature, kwargs: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+        """Leave out ``split``/``augment`` for a data factory that has no such parameters.
+
+        A plain Dataset class is a valid data factory: it builds the training data. ``augment=False``
+        and ``split="train"`` then mean what it does anyway; ``split="test"`` or ``augment=True``
+        cannot be honoured and fail with one line.
+        """
+        params = signature.parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return kwargs
+        out = dict(kwargs)
+        for flag, harmless in (("split", "train"), ("augment", False)):
+            if flag in overrides and flag not in params:
+                if overrides[flag] != harmless:
+                    raise SpecError(
+                        f"data spec {self}: {self.attribute} takes no {flag!r} parameter, so it cannot build "
+                        f"{flag}={overrides[flag]!r}; it is taken to build the training data only "
+                        f"(give it a '{flag}' parameter, or use --eval subset:N / train)"
+                    )
+                del out[flag]
+        return out
 
 
 def _shorten(text: object, limit: int = 120) -> str:
