@@ -18,23 +18,33 @@ Schema v1 (documented in docs/results.md)::
 Durability: the whole file is rewritten to a temporary file next to it, fsynced and atomically
 renamed over the old one (write-then-rename) at every flush, so a killed process always leaves
 the previous complete file; at most the rows since the last flush are lost. Results files are
-small (rows of numbers), so rewriting is cheap. One writer at a time is enforced with a lock file.
+small (rows of numbers), so rewriting is cheap. One writer at a time is enforced with an flock on
+``RESULTS.lock`` through the ``filelock`` library; the lock file is never deleted, because unlinking a held
+lock file lets a waiter lock the orphaned inode while a newcomer locks a fresh file at the same path.
+
+Reading validates (docs/results.md, "Validation"): no external links or virtual/external storage, column lengths
+agree, keys are sane and, when the archive is known, pair indices and steps agree with it; a group whose value
+columns are missing or malformed is incomplete and its rows are never reused.
 """
 from __future__ import annotations
 
 import datetime as _dt
-import fcntl
 import hashlib
 import json
 import os
+import stat
 import time
+import warnings
 from typing import Any, Iterable, Mapping
 
+import filelock
 import h5py
 import numpy as np
 
 from .. import __version__
+from ..textsafe import MAX_JSON_CHARS, escape, load_json, one_line, safe
 from .errors import ResultsError, ResultsLockedError, ResultsMismatchError
+from .identity import ArchiveIdentity, is_legacy_id, legacy_acceptable
 
 __all__ = ["ResultsFile", "Table", "RESULTS_FORMAT", "RESULTS_VERSION", "config_hash", "canonical_json", "default_results_path"]
 
@@ -232,6 +242,29 @@ class Table:
         return t
 
 
+def acquire_results_lock(path: str | os.PathLike) -> filelock.BaseFileLock:
+    """Take the single-writer lock of the results file ``path`` (``path + '.lock'``) without waiting.
+
+    Raises :class:`ResultsLockedError` (one line) when another process or another ResultsFile holds it. The lock
+    file stays behind after release on purpose: deleting a held lock file is what let several writers hold
+    "the" lock at once (a waiter locks the unlinked inode, a newcomer a new file at the same path)."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise ResultsError(f"cannot write {escape(path)}: directory {escape(d)} does not exist")
+    lock_path = path + ".lock"
+    # thread_local=False: the writer may be closed from another thread than the one that opened it
+    lock = filelock.FileLock(lock_path, timeout=0, thread_local=False)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise ResultsLockedError(
+            f"{escape(path)} is being written by another sgdwalk analyze; wait for it or pass another --out") from None
+    except OSError as err:
+        raise ResultsError(f"cannot create lock file {escape(lock_path)}: {one_line(err.strerror or err)}") from None
+    return lock
+
+
 class ResultsFile:
     """Results of analyses of one archive. ``mode='r'`` reads; ``mode='a'`` creates or appends (locked).
 
@@ -244,7 +277,7 @@ class ResultsFile:
         self.mode = mode
         self.tables: dict[tuple[str, str], Table] = {}
         self.attrs: dict[str, Any] = {}
-        self._lock_fd: int | None = None
+        self._lock_obj: filelock.BaseFileLock | None = None
         self.last_flush = 0.0
         self.flush_count = 0
         self._attrs_dirty = False
@@ -279,32 +312,12 @@ class ResultsFile:
 
     # ------------------------------------------------------------------ locking
     def _lock(self) -> None:
-        d = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(d):
-            raise ResultsError(f"cannot write {self.path}: directory {d} does not exist")
-        lock = self.path + ".lock"
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as err:
-            raise ResultsError(f"cannot create lock file {lock}: {err.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise ResultsLockedError(f"{self.path} is being written by another sgdwalk analyze; wait for it or pass another --out") from None
-        self._lock_fd = fd
+        self._lock_obj = acquire_results_lock(self.path)
 
     def _unlock(self) -> None:
-        if self._lock_fd is not None:
-            try:
-                try:  # remove the lock file while still holding the lock (no litter next to the results)
-                    os.unlink(self.path + ".lock")
-                except OSError:
-                    pass
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            finally:
-                os.close(self._lock_fd)
-                self._lock_fd = None
+        lock, self._lock_obj = self._lock_obj, None
+        if lock is not None:
+            lock.release()
 
     # ------------------------------------------------------------------ read / write
     def _read(self) -> None:
