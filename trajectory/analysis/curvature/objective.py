@@ -37,10 +37,13 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["Objective", "HVP_MODES", "OPERATORS"]
+__all__ = ["Objective", "HVP_MODES", "OPERATORS", "COST_LOSS", "COST_GRAD", "COST_HVP"]
 
 HVP_MODES = ("fwd", "rev")
 OPERATORS = ("hessian", "ggn")
+
+#: work per sample in sample-forward equivalents (one sample through the model at one point = 1), for progress
+COST_LOSS, COST_GRAD, COST_HVP = 1.0, 3.0, 5.0
 
 #: activation elements (per pass) that one data chunk may hold; bounds the memory of an HVP.
 DEFAULT_BUDGET_CPU = 1 << 24
@@ -120,13 +123,48 @@ class Objective:
                 nb = max(1, self.n_data // 2)
         else:
             if chunk is None:
-                chunk = self._auto_chunk()
+                chunk = self.default_chunk()
             nb = max(1, math.ceil(self.n_data / max(1, int(chunk))))
-        idx = torch.tensor_split(torch.arange(self.n_data), nb)
-        self.batches = [(int(i[0]), int(i[-1]) + 1) for i in idx if len(i)]
+        self._split(nb)
         self.hvps = 0  # Hessian-vector products computed (one vector = one product)
         self.grads = 0
+        self.losses = 0
         self._reduce: Callable[[torch.Tensor], Any] | None = None
+        #: called with the work done, in sample-forward equivalents (one sample through the model = 1, a gradient
+        #: ~3, a Hessian-vector product ~5), after every loss, gradient and product; the analyzer's progress bar
+        self.on_samples: Callable[[float], Any] | None = None
+
+    def _split(self, nb: int) -> None:
+        idx = torch.tensor_split(torch.arange(self.n_data), nb)
+        self.batches = [(int(i[0]), int(i[-1]) + 1) for i in idx if len(i)]
+
+    @property
+    def chunk(self) -> int:
+        """Samples in the largest data batch (the BatchNorm batch under 'train', a memory chunk otherwise)."""
+        return max(e - s for s, e in self.batches)
+
+    @property
+    def rechunkable(self) -> bool:
+        """Whether the data batches may be re-cut: not under BatchNorm 'train' (there they are the BatchNorm
+        batches, part of the function) and not once :meth:`shard`-ed (every rank must cut alike)."""
+        return self.bn != "train" and self._reduce is None
+
+    def rechunk(self, chunk: int) -> "Objective":
+        """Process the data in batches of about ``chunk`` samples (only the summation order changes; see
+        :attr:`rechunkable`). Returns self."""
+        if not self.rechunkable:
+            raise ValueError("the data batches of this objective cannot be re-cut (BatchNorm 'train' or sharded)")
+        self._split(max(1, math.ceil(self.n_data / max(1, int(chunk)))))
+        return self
+
+    @property
+    def local_samples(self) -> int:
+        """Samples this process evaluates per pass (all of them unless :meth:`shard`-ed)."""
+        return sum(e - s for s, e in self.batches)
+
+    def _report(self, per_sample: float) -> None:
+        if self.on_samples is not None:
+            self.on_samples(per_sample * self.local_samples)
 
     def shard(self, rank: int, world: int, all_reduce: Callable[[torch.Tensor], Any]) -> "Objective":
         """Split the data batches across ``world`` processes (batch j goes to rank j mod world) and sum every
@@ -163,7 +201,9 @@ class Objective:
             kw["p0"] = p0
         return cls(model, views, buffers, x, y, **kw), p0
 
-    def _auto_chunk(self) -> int:
+    def default_chunk(self) -> int:
+        """Samples per chunk such that one pass holds about a fixed number of activation elements
+        (``DEFAULT_BUDGET_CPU`` / ``_GPU``), measured by a forward pass of two samples."""
         total = [0]
 
         def hook(_m, _i, out):
@@ -221,6 +261,8 @@ class Objective:
         """L(p) (no gradient)."""
         with torch.no_grad():
             local = sum(self._w(s, e) * float(self._batch_loss(p, s, e)) for s, e in self.batches)
+        self.losses += 1
+        self._report(COST_LOSS)
         return float(self._sum(torch.tensor([float(local)], dtype=torch.float64, device=self.device))[0])
 
     def __call__(self, p: torch.Tensor) -> torch.Tensor:
@@ -238,6 +280,7 @@ class Objective:
             g.add_(gb, alpha=self._w(s, e))
             total += self._w(s, e) * float(lb)
         self.grads += 1
+        self._report(COST_GRAD)
         if self._reduce is not None:  # one collective for loss and gradient together
             both = self._sum(torch.cat([g, torch.tensor([total], dtype=g.dtype, device=g.device)]))
             return float(both[-1]), both[:-1]
@@ -254,23 +297,29 @@ class Objective:
         V = V.to(p.dtype)
         out = torch.zeros_like(V)
         for s, e in self.batches:
-            w = self._w(s, e)
-            if self.operator == "ggn":
-                out.add_(self._ggn_batch(p, V, s, e), alpha=w)
-            elif self.hvp_mode == "fwd":
-                f = lambda q: self._batch_loss(q, s, e)  # noqa: E731
-                gf = grad(f)
-                one = lambda v: jvp(gf, (p,), (v,))[1]  # noqa: E731
-                out.add_(vmap(one)(V) if V.shape[0] > 1 else one(V[0]).unsqueeze(0), alpha=w)
-            else:
-                q = p.clone().requires_grad_(True)
-                with torch.enable_grad():
-                    g = torch.autograd.grad(self._batch_loss(q, s, e), q, create_graph=True)[0]
-                    for j in range(V.shape[0]):
-                        hv = torch.autograd.grad(g, q, grad_outputs=V[j], retain_graph=j + 1 < V.shape[0])[0]
-                        out[j].add_(hv, alpha=w)
+            out.add_(self.batch_products(p, V, s, e), alpha=self._w(s, e))
         self.hvps += V.shape[0]
+        self._report(COST_HVP * V.shape[0])
         return self._sum(out)
+
+    def batch_products(self, p: torch.Tensor, V: torch.Tensor, s: int, e: int, mode: str | None = None) -> torch.Tensor:
+        """H_b·v (the Hessian of the mean loss of samples s:e) for every row v of V, by ``mode`` (default
+        :attr:`hvp_mode`); unweighted, not counted, not reduced. The unit :mod:`.autotune` times."""
+        mode = mode or self.hvp_mode
+        if self.operator == "ggn":
+            return self._ggn_batch(p, V, s, e)
+        if mode == "fwd":
+            f = lambda q: self._batch_loss(q, s, e)  # noqa: E731
+            gf = grad(f)
+            one = lambda v: jvp(gf, (p,), (v,))[1]  # noqa: E731
+            return vmap(one)(V) if V.shape[0] > 1 else one(V[0]).unsqueeze(0)
+        out = torch.empty_like(V)
+        q = p.clone().requires_grad_(True)
+        with torch.enable_grad():
+            g = torch.autograd.grad(self._batch_loss(q, s, e), q, create_graph=True)[0]
+            for j in range(V.shape[0]):
+                out[j] = torch.autograd.grad(g, q, grad_outputs=V[j], retain_graph=j + 1 < V.shape[0])[0]
+        return out
 
     def _ggn_batch(self, p: torch.Tensor, V: torch.Tensor, s: int, e: int) -> torch.Tensor:
         f = lambda q: self._out(q, s, e)  # noqa: E731

@@ -31,15 +31,21 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..curvature.autotune import apply, measure
 from ..curvature.linalg import gaussian_density, hutchinson, hutchpp, slq, top_eigen
-from ..curvature.objective import HVP_MODES, OPERATORS, objective_for
+from ..curvature.objective import COST_GRAD, COST_HVP, COST_LOSS, HVP_MODES, OPERATORS, objective_for
+from ..curvature.runcache import fingerprint, run_cache
 from ..curvature.sharpness import eps_sharpness, gaussian_increase
 from ..errors import AnalysisError
 from ..metric import Metric
 
 __all__ = ["HessianTop", "HessianTrace", "HessianESD", "Sharpness", "UpdateAlignment"]
 
-_COMMON = {"at": "record", "seed": 0, "hvp": "rev", "operator": "hessian"}
+_COMMON = {"at": "record", "seed": 0, "hvp": "auto", "operator": "hessian"}
+HVP_CHOICES = ("auto", *HVP_MODES)
+#: seed tag of the Lanczos start vector that hessian_top and sharpness share (hessian_top's own tag), so that
+#: both compute the same top eigenpair at a point and one may reuse the other's (:meth:`_Curvature.top_eigenpairs`)
+EIGEN_STREAM = 1
 _BLOCK = 8  # vectors per batched HVP pass
 
 
@@ -75,12 +81,19 @@ class _Curvature(Metric):
     def validate(self) -> None:
         o = self.options
         _choice(o, "at", ("record", "floor"))
-        _choice(o, "hvp", HVP_MODES)
+        _choice(o, "hvp", HVP_CHOICES)
         _choice(o, "operator", OPERATORS)
         _int(o, "seed", 0)
+        # 'auto' is stored as 'rev' in the options, hence in the configuration hash: every mode and chunk gives the
+        # same products to float rounding, and results files written when 'rev' was the default stay reusable
+        self.hvp_request = o["hvp"]
+        if o["hvp"] == "auto":
+            o["hvp"] = "rev"
+        self._choice: dict[str, Any] | None = None
+        self._external = 0.0
 
-    def generator(self, pair: int) -> torch.Generator:
-        s = np.random.SeedSequence([int(self.options["seed"]), int(pair), self.tag]).generate_state(2)
+    def generator(self, pair: int, tag: int | None = None) -> torch.Generator:
+        s = np.random.SeedSequence([int(self.options["seed"]), int(pair), self.tag if tag is None else tag]).generate_state(2)
         return torch.Generator().manual_seed(int(s[0]) << 32 | int(s[1]))
 
     def points(self, ctx: Any, units: Sequence[tuple[int, ...]]) -> list[tuple[torch.Tensor | None, float]]:
@@ -95,19 +108,93 @@ class _Curvature(Metric):
         return out
 
     def objective(self, ctx: Any, state: torch.Tensor | None, pair: int):
+        """The :class:`Objective` at ``state`` with the run's HVP mode and chunk: the option's mode, or under
+        ``hvp=auto`` the fastest measured on the run's first curvature unit (shared by the run's curvature metrics
+        through :func:`run_cache`; not timed when the data are sharded across ranks, which must cut alike)."""
         if state is None or not bool(torch.isfinite(state).all()):
             return None
-        return objective_for(ctx, state, pair, hvp=self.options["hvp"], operator=self.options["operator"])
+        o = self.options
+        obj = objective_for(ctx, state, pair, hvp=o["hvp"], operator=o["operator"])
+        if obj is None:
+            return None
+        if self.hvp_request != "auto":
+            self._choice = {"hvp": obj.hvp_mode, "chunk": obj.chunk, "by": "option", "device": str(obj.device)}
+            return obj
+        cache = run_cache(ctx.evaluator)
+        key = ("hvp", o["operator"])
+        choice = cache.choices.get(key)
+        if choice is None:
+            if obj._reduce is not None:  # data sharded across ranks: they must cut the data alike, so no timing
+                choice = {"hvp": obj.hvp_mode, "chunk": obj.chunk, "by": "default (data sharded)", "device": str(obj.device)}
+            else:
+                choice = measure(obj, state[: ctx.n_params], seed=int(o["seed"]))
+            cache.choices[key] = choice
+        self._choice = choice
+        return apply(obj, choice)
+
+    def choice(self) -> dict[str, Any] | None:
+        """How this metric computed its Hessian-vector products in this run (None before its first unit):
+        ``{"hvp": "rev"|"fwd", "chunk": samples per data batch, "by": "auto"|"option"|..., "device": ...}`` and, when
+        measured, ``"rates"`` (sample-HVPs per second per "mode/chunk" candidate) and ``"samples_per_s"``. Not part of
+        the configuration: the engine may store it with the table (the choice never changes a value beyond rounding)."""
+        return None if self._choice is None else dict(self._choice)
+
+    # ------------------------------------------------------------------ shared top eigenpairs
+    def top_eigenpairs(self, ctx: Any, obj, p: torch.Tensor, pair: int, a: float, *, k: int, iters: int, tol: float,
+                       method: str, which: str, stream: int, need_vectors: bool):
+        """Top-k eigenpairs at p, from the run's cache when another metric already computed them at this point with
+        the same options and the same seeded start vector (``stream``: the tag seeding it), else computed and cached."""
+        o = self.options
+        key = ("top_eigen", int(pair), o["at"], float(a), fingerprint(p), o["operator"], obj.hvp_mode, int(o["seed"]),
+               int(stream), int(k), int(iters), float(tol), method, which)
+        cache = run_cache(ctx.evaluator)
+        r = cache.get_eigen(key, need_vectors)
+        if r is None:
+            r = top_eigen(obj.matmat(p, _BLOCK), p.numel(), k, iters=iters, tol=tol, which=which,
+                          gen=self.generator(pair, stream), like=p, method=method)
+            cache.put_eigen(key, r)
+        return r
+
+    # ------------------------------------------------------------------ work and progress
+    def unit_cost(self, n_samples: int, n_params: int) -> float:
+        """Upper estimate of one unit's work in sample-forward equivalents (a loss over one sample = 1, a gradient
+        ~3, an HVP ~5) for ``n_samples`` evaluation samples, from the options alone."""
+        raise NotImplementedError
+
+    def cost(self, ctx: Any, units: Sequence[tuple[int, ...]]) -> float | None:
+        """Work of ``units`` in sample-forward equivalents (see :meth:`unit_cost`); None when the data size is unknown.
+        An upper estimate: Lanczos may stop early and ``sharpness`` may reuse ``hessian_top``'s eigenpair. The
+        progress hook is topped up to this estimate at the end of every unit, so the bar ends where it should."""
+        try:
+            return float(sum(self.unit_cost(_samples(ctx, u[0]), int(ctx.n_params)) for u in units))
+        except Exception:  # noqa: BLE001 - an estimate must never break a run
+            return None
 
     def compute(self, ctx: Any, units: Sequence[tuple[int, ...]]) -> list[dict[str, Any]]:
+        hook = getattr(getattr(ctx, "evaluator", None), "on_samples", None)
         rows = []
         for u, (state, a) in zip(units, self.points(ctx, units)):
             obj = self.objective(ctx, state, u[0])
+            tally = [0.0]
+            self._external = 0.0
             row = None
             if obj is not None:
+                if hook is not None:
+                    def counted(n: float, tally=tally) -> None:
+                        tally[0] += n
+                        hook(n)
+
+                    obj.on_samples = counted
                 p = state[: ctx.n_params].detach()
                 row = self.compute_one(ctx, u[0], obj, p, state, a)
             rows.append(row if row is not None else self.nan_row(ctx, a))
+            if hook is not None:  # top up to the estimate (early Lanczos stop, reuse, NaN rows)
+                try:
+                    left = self.unit_cost(_samples(ctx, u[0]), int(ctx.n_params)) - tally[0] - self._external
+                except Exception:  # noqa: BLE001
+                    left = 0.0
+                if left > 0:
+                    hook(left)
         return rows
 
     def compute_one(self, ctx, pair, obj, p, state, a) -> dict[str, Any] | None:
@@ -115,6 +202,12 @@ class _Curvature(Metric):
 
     def nan_row(self, ctx, a: float) -> dict[str, Any]:
         raise NotImplementedError
+
+
+def _samples(ctx: Any, pair: int) -> int:
+    """Evaluation samples of ``pair`` (0 when the pair has no data, e.g. multi-step pairs under --eval minibatch)."""
+    data = ctx.data(pair)
+    return 0 if data is None else len(data[0])
 
 
 def _med(x) -> float:
@@ -138,12 +231,17 @@ class _TopEigen(_Curvature):
         _choice(o, "eig_method", ("lanczos", "power"))
         _choice(o, "eig_which", ("LA", "LM"))
 
-    def eigenpairs(self, obj, p: torch.Tensor, pair: int):
+    def eigenpairs(self, ctx: Any, obj, p: torch.Tensor, pair: int, a: float, need_vectors: bool = False):
         """Top min(k, n) eigenpairs of the objective's operator at p, random start seeded by (seed, pair, metric)."""
         o = self.options
-        k = min(o["k"], p.numel())
-        return top_eigen(obj.matmat(p, _BLOCK), p.numel(), k, iters=o["iters"], tol=o["tol"], which=o["eig_which"],
-                         gen=self.generator(pair), like=p, method=o["eig_method"])
+        return self.top_eigenpairs(ctx, obj, p, pair, a, k=min(o["k"], p.numel()), iters=o["iters"], tol=o["tol"],
+                                   method=o["eig_method"], which=o["eig_which"], stream=self.tag, need_vectors=need_vectors)
+
+    def unit_cost(self, n_samples: int, n_params: int) -> float:
+        o = self.options
+        k = min(o["k"], n_params)
+        steps = o["iters"] * k if o["eig_method"] == "power" else min(o["iters"], n_params) + k
+        return n_samples * (COST_HVP * steps + COST_LOSS)
 
     def padded(self, values) -> np.ndarray:
         """A per-eigenpair column padded with NaN to the configured k (models with fewer parameters than k)."""
@@ -164,7 +262,7 @@ class HessianTop(_TopEigen):
 
     def compute_one(self, ctx, pair, obj, p, state, a):
         o = self.options
-        r = self.eigenpairs(obj, p, pair)
+        r = self.eigenpairs(ctx, obj, p, pair, a, need_vectors=o["store_vectors"])
         k = len(r.values)
         lr = ctx.lr(pair)
         lam = float(r.values[0])
@@ -218,6 +316,9 @@ class HessianTrace(_Curvature):
             tr, se, mv = hutchpp(mm, p.numel(), o["probes"], gen=g, like=p, block=_BLOCK)
         return {"trace": tr, "trace_se": se, "trace_per_param": tr / p.numel(), "matvecs": int(mv),
                 "loss": obj.loss(p), "a": a}
+
+    def unit_cost(self, n_samples: int, n_params: int) -> float:
+        return n_samples * (COST_HVP * self.options["probes"] + COST_LOSS)
 
     def nan_row(self, ctx, a):
         nan = float("nan")
@@ -290,6 +391,10 @@ class HessianESD(_Curvature):
                 "nodes": nodes.reshape(-1), "weights": weights.reshape(-1), "moment1": m1, "moment2": m2,
                 "ritz_min": tmin, "ritz_max": tmax, "matvecs": int(mv), "a": a}
 
+    def unit_cost(self, n_samples: int, n_params: int) -> float:
+        o = self.options
+        return n_samples * COST_HVP * o["esd_probes"] * min(o["esd_iters"], n_params)
+
     def nan_row(self, ctx, a):
         o, nan = self.options, float("nan")
         n_grid = _parse_grid(o["esd_grid"])[0]
@@ -331,11 +436,20 @@ class Sharpness(_Curvature):
 
         base_eval = float(ctx.evaluate(state.unsqueeze(0), pair)[0][0])
         gi, gse = gaussian_increase(losses_at, p, o["noise_scale"], o["noise_draws"], base_eval, gen=g)
-        r = top_eigen(obj.matmat(p, _BLOCK), p.numel(), 1, iters=o["iters"], tol=o["tol"], which="LA", gen=g, like=p)
+        self._external += COST_LOSS * obj.n_data * (1 + o["noise_draws"])  # reported by the evaluator itself
+        # hessian_top's Lanczos (same start vector, k=1): computed once per point in a run, whichever metric is first
+        r = self.top_eigenpairs(ctx, obj, p, pair, a, k=1, iters=o["iters"], tol=o["tol"], method="lanczos", which="LA",
+                                stream=EIGEN_STREAM, need_vectors=False)
         lr = ctx.lr(pair)
         lam = float(r.values[0])
         return {"loss": base, "eps_sharpness": keskar, "eps_increase": inc, "gauss_increase": gi, "gauss_se": gse,
                 "lambda_max": lam, "lambda_residual": float(r.residuals[0]), "lr": lr, "eos_ratio": lam * lr / 2.0, "a": a}
+
+    def unit_cost(self, n_samples: int, n_params: int) -> float:
+        o = self.options
+        steps = o["ascent_steps"]
+        losses = 1 + (1 if steps > 0 else 0) + 1 + o["noise_draws"]
+        return n_samples * (COST_GRAD * steps + COST_LOSS * losses + COST_HVP * (min(o["iters"], n_params) + 1))
 
     def nan_row(self, ctx, a):
         nan = float("nan")
@@ -366,7 +480,7 @@ class UpdateAlignment(_TopEigen):
 
     def compute_one(self, ctx, pair, obj, p, state, a):
         n = p.numel()
-        r = self.eigenpairs(obj, p, pair)
+        r = self.eigenpairs(ctx, obj, p, pair, a, need_vectors=True)
         k = len(r.values)
         d = (ctx.params(pair + 1) - ctx.params(pair)).to(p.device, torch.float64)
         norm = float(torch.linalg.vector_norm(d))
