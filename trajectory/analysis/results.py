@@ -75,10 +75,26 @@ def _now() -> str:
 
 def _attr(v: Any) -> Any:
     if isinstance(v, bytes):
-        return v.decode()
+        return v.decode("utf-8", "replace")
     if isinstance(v, np.generic):
         return v.item()
     return v
+
+
+def _file_name(obj: h5py.HLObject) -> str:
+    try:
+        return escape(obj.file.filename)
+    except Exception:  # noqa: BLE001 - only for a message
+        return "results file"
+
+
+def _int_column(g: h5py.Group, name: str, where: str) -> np.ndarray:
+    obj = g.get(name)
+    if not isinstance(obj, h5py.Dataset):
+        raise ResultsError(f"{where} lacks the {name!r} dataset; the file is damaged, remove it")
+    if obj.ndim != 1 or not np.issubdtype(obj.dtype, np.integer):
+        raise ResultsError(f"{where}: {name!r} must be a 1-D integer dataset, is {obj.shape} {escape(obj.dtype)}; the file is damaged")
+    return obj[()].astype(np.int64)
 
 
 class Table:
@@ -100,6 +116,9 @@ class Table:
         #: keys of rows known to this process but stored in another file (rows adopted from other ranks'
         #: partial files in a distributed run); they feed dependencies and resume but are never written here
         self.foreign: set[tuple[int, ...]] = set()
+        #: how rows were evaluated, by the ``run`` that computed them: {"<run>": {"name": strategy, "rate": ..., ...}};
+        #: stored as the group attribute ``replay``, NOT part of the configuration (strategies agree to float rounding)
+        self.replay: dict[str, Any] = {}
         self.created = _now()
         self.updated = self.created
         self._dirty = False
@@ -181,6 +200,8 @@ class Table:
             taken += 1
         if taken:
             self.rows_computed += taken
+            for run, rec in other.replay.items():
+                self.replay.setdefault(run, rec)
             self._dirty = True
         return taken
 
@@ -217,18 +238,74 @@ class Table:
         g.attrs["rows_computed"] = self.rows_computed
         g.attrs["created"] = self.created
         g.attrs["updated"] = self.updated
+        if self.replay:
+            g.attrs["replay"] = canonical_json(self.replay)
         for name, arr in self.arrays(own=True).items():
             g.create_dataset(name, data=arr)
 
     @classmethod
     def read(cls, g: h5py.Group) -> "Table":
-        cfg = json.loads(_attr(g.attrs["config"]))
-        t = cls(_attr(g.attrs["metric"]), cfg, json.loads(_attr(g.attrs["keys"])), version=int(_attr(g.attrs.get("metric_version", 1))))
-        if t.hash != _attr(g.attrs["config_hash"]):
-            raise ResultsError(f"group {g.name}: stored config hash does not match its config (file edited?)")
-        cols = json.loads(_attr(g.attrs["columns"]))
-        data = {k: g[k][()] for k in list(t.keys) + list(_META_COLS) + cols}
-        n = len(data["pair"])
+        """Read one group, validating it (each problem is one :class:`ResultsError` line naming the group).
+
+        Keys and bookkeeping columns must be 1-D integer datasets and every dataset must have as many rows as
+        ``pair``; keys must be sane (pair >= 0, span >= 1, no duplicates). A value column listed in ``columns``
+        that is missing or malformed makes every row incomplete: the group is read without rows (they are
+        computed again) and a warning says so."""
+        where = f"{_file_name(g)}: group {escape(g.name)}"
+        attrs = {k: _attr(g.attrs[k]) for k in ("metric", "config", "config_hash", "keys", "columns") if k in g.attrs}
+        for k in ("metric", "config", "config_hash", "keys", "columns"):
+            if not isinstance(attrs.get(k), str):
+                raise ResultsError(f"{where} lacks its {k!r} attribute (or it is not text); the file is damaged, remove it")
+        cfg = load_json(attrs["config"], f"{where}: config", error=ResultsError)
+        keys = load_json(attrs["keys"], f"{where}: keys", error=ResultsError)
+        cols = load_json(attrs["columns"], f"{where}: columns", error=ResultsError)
+        if not isinstance(cfg, dict):
+            raise ResultsError(f"{where}: config is not a JSON object; the file is damaged, remove it")
+        if keys not in (["pair"], ["pair", "span"]):
+            raise ResultsError(f"{where}: keys {safe(attrs['keys'], 60)} are not [\"pair\"] or [\"pair\", \"span\"]; the file is damaged")
+        if not isinstance(cols, list) or not all(isinstance(c, str) for c in cols) or len(set(cols)) != len(cols):
+            raise ResultsError(f"{where}: columns {safe(attrs['columns'], 80)} is not a list of distinct names; the file is damaged")
+        reserved = [c for c in cols if c in _KEY_COLS + _META_COLS]
+        if reserved:
+            raise ResultsError(f"{where}: column name {safe(reserved[0])} is reserved; the file is damaged")
+        try:
+            version = int(_attr(g.attrs.get("metric_version", 1)))
+        except (TypeError, ValueError):
+            raise ResultsError(f"{where}: metric_version is not an integer; the file is damaged") from None
+        t = cls(attrs["metric"], cfg, keys, version=version)
+        if t.hash != attrs["config_hash"]:
+            raise ResultsError(f"{where}: stored config hash does not match its config (file edited?)")
+        index = {k: _int_column(g, k, where) for k in list(t.keys) + list(_META_COLS)}
+        n = len(index["pair"])
+        for k, arr in index.items():
+            if len(arr) != n:
+                raise ResultsError(f"{where}: column {k!r} has {len(arr)} rows but 'pair' has {n}; the file is damaged, remove it")
+        if n and index["pair"].min() < 0:
+            raise ResultsError(f"{where}: negative pair index {int(index['pair'].min())}; the file is damaged, remove it")
+        if n and "span" in index and index["span"].min() < 1:
+            raise ResultsError(f"{where}: span {int(index['span'].min())} < 1; the file is damaged, remove it")
+        if n and len({tuple(int(index[k][i]) for k in t.keys) for i in range(n)}) != n:
+            raise ResultsError(f"{where}: a key appears twice; the file is damaged, remove it")
+        data: dict[str, np.ndarray] = dict(index)
+        problem = None
+        for name in cols:
+            obj = g.get(name)
+            if not isinstance(obj, h5py.Dataset):
+                problem = f"column {safe(name, 60)} is missing"
+            elif obj.ndim not in (1, 2) or obj.shape[0] != n:
+                if obj.ndim >= 1 and obj.shape[0] != n:
+                    raise ResultsError(f"{where}: column {safe(name, 60)} has {obj.shape[0]} rows but 'pair' has {n}; the file is damaged, remove it")
+                problem = f"column {safe(name, 60)} has shape {obj.shape}"
+            elif not (np.issubdtype(obj.dtype, np.number) or obj.dtype == np.bool_) or np.issubdtype(obj.dtype, np.complexfloating):
+                problem = f"column {safe(name, 60)} has non-numeric dtype {escape(obj.dtype)}"
+            if problem:
+                break
+            data[name] = obj[()]
+        if problem is not None:
+            warnings.warn(f"{where} is incomplete ({problem}); its {n} rows are not reused and will be computed again")
+            t.rows_computed = 0
+            t._dirty = True  # the next flush rewrites the group without the incomplete rows
+            return t
         for name in cols:
             arr = data[name]
             t.columns[name] = (arr.shape[1:], arr.dtype)
@@ -236,10 +313,39 @@ class Table:
             key = tuple(int(data[k][i]) for k in t.keys)
             t.rows[key] = {name: data[name][i] for name in cols}
             t.meta[key] = (int(data["step_a"][i]), int(data["step_b"][i]), int(data["run"][i]))
-        t.rows_computed = int(_attr(g.attrs.get("rows_computed", n)))
-        t.created = _attr(g.attrs.get("created", ""))
-        t.updated = _attr(g.attrs.get("updated", ""))
+        try:
+            t.rows_computed = int(_attr(g.attrs.get("rows_computed", n)))
+        except (TypeError, ValueError):
+            raise ResultsError(f"{where}: rows_computed is not an integer; the file is damaged") from None
+        t.created = str(_attr(g.attrs.get("created", "")))
+        t.updated = str(_attr(g.attrs.get("updated", "")))
+        try:  # informational only (how rows were evaluated): a damaged value is dropped, never fatal
+            rep = json.loads(_attr(g.attrs["replay"])) if "replay" in g.attrs else {}
+        except (TypeError, ValueError):
+            rep = {}
+        t.replay = rep if isinstance(rep, dict) else {}
         return t
+
+    def check_against(self, ident: ArchiveIdentity, where: str) -> None:
+        """Refuse (one line) rows whose pair lies outside the archive or whose steps are not the archive's steps
+        at those records: such rows were computed from other records than this archive holds."""
+        if not self.rows:
+            return
+        keys = self.sorted_keys()
+        pair = np.array([k[0] for k in keys], dtype=np.int64)
+        span = np.array([k[1] if len(k) > 1 else 1 for k in keys], dtype=np.int64)
+        if int(pair.max()) >= ident.records - 1:
+            raise ResultsError(
+                f"{where}: {self.metric} rows reach pair {int(pair.max())} but the archive has {ident.records} records "
+                "(pairs 0..{}); the file belongs to a longer archive or is damaged, remove it".format(max(ident.records - 2, 0)))
+        far = np.minimum(pair + span, ident.records - 1)
+        meta = np.array([self.meta[k][:2] for k in keys], dtype=np.int64).reshape(-1, 2)
+        bad = np.nonzero((meta[:, 0] != ident.steps[pair]) | (meta[:, 1] != ident.steps[far]))[0]
+        if len(bad):
+            i = int(bad[0])
+            raise ResultsError(
+                f"{where}: {self.metric} row of pair {int(pair[i])} is for steps {int(meta[i, 0])}->{int(meta[i, 1])} but the "
+                f"archive's records there are steps {int(ident.steps[pair[i]])}->{int(ident.steps[far[i]])}; remove the file or pass another --out")
 
 
 def acquire_results_lock(path: str | os.PathLike) -> filelock.BaseFileLock:
@@ -265,6 +371,31 @@ def acquire_results_lock(path: str | os.PathLike) -> filelock.BaseFileLock:
     return lock
 
 
+def _refuse_links(f: h5py.File, name: str) -> None:
+    """Refuse external and soft links, external raw storage and virtual datasets before any is followed: a results
+    file is plain data written by sgdwalk, and following them would read (or print) other files."""
+    bad: list[str] = []
+
+    def visit(path: str, link: Any) -> None:
+        if bad:
+            return
+        if isinstance(link, h5py.ExternalLink):
+            bad.append(f"an external link at /{escape(path)}")
+        elif isinstance(link, h5py.SoftLink):
+            bad.append(f"a soft link at /{escape(path)}")
+        else:
+            obj = f.get(path, getlink=False)
+            if isinstance(obj, h5py.Dataset):
+                if obj.is_virtual:
+                    bad.append(f"a virtual dataset at /{escape(path)}")
+                elif obj.external:
+                    bad.append(f"external raw storage at /{escape(path)}")
+
+    f.visititems_links(visit)
+    if bad:
+        raise ResultsError(f"{name} holds {bad[0]}; sgdwalk never follows those in results files, remove it")
+
+
 class ResultsFile:
     """Results of analyses of one archive. ``mode='r'`` reads; ``mode='a'`` creates or appends (locked).
 
@@ -287,23 +418,21 @@ class ResultsFile:
             if archive_id is None:
                 raise ValueError("archive_id is required to write a results file")
             self._lock()
+        upgraded = False
         try:
-            if os.path.exists(self.path):
+            if os.path.lexists(self.path):
                 self._read()
-                if archive_id is not None and self.attrs.get("archive_id") != archive_id:
-                    raise ResultsMismatchError(
-                        f"{self.path} holds results of a different archive ({self.attrs.get('archive_path', '?')}, "
-                        f"id {str(self.attrs.get('archive_id', '?'))[:12]} vs {archive_id[:12]}); pass another --out or remove it"
-                    )
+                if archive_id is not None:
+                    upgraded = self._check_identity(archive_id, archive_info or {})
             elif mode == "r":
-                raise ResultsError(f"no such results file: {self.path}")
+                raise ResultsError(f"no such results file: {escape(self.path)}")
             else:
-                self.attrs = {"format": RESULTS_FORMAT, "format_version": RESULTS_VERSION, "archive_id": archive_id, "runs": 0}
+                self.attrs = {"format": RESULTS_FORMAT, "format_version": RESULTS_VERSION, "archive_id": str(archive_id), "runs": 0}
             if mode == "a":
                 before = dict(self.attrs)
                 self.attrs.update(dict(archive_info or {}))
                 # e.g. a file written before archive_provenance existed gains it on the next run
-                self._attrs_dirty = self.attrs != before
+                self._attrs_dirty = self.attrs != before or upgraded
                 self.attrs["runs"] = int(self.attrs.get("runs", 0)) + 1
                 self.run = int(self.attrs["runs"])
         except BaseException:
@@ -320,24 +449,82 @@ class ResultsFile:
             lock.release()
 
     # ------------------------------------------------------------------ read / write
+    def _check_identity(self, ident: str, info: Mapping[str, Any]) -> bool:
+        """Refuse a file of another archive; accept a legacy (pre-UUID) id only under the rule of
+        :func:`~trajectory.analysis.identity.legacy_acceptable`, then upgrade it. Returns True when upgraded."""
+        stored = self.attrs.get("archive_id")
+        name = escape(self.path)
+        upgraded = False
+        if stored != ident:
+            if isinstance(ident, ArchiveIdentity) and is_legacy_id(stored):
+                why = legacy_acceptable(self.attrs, ident, info.get("archive_provenance"))
+                if why is not None:
+                    raise ResultsMismatchError(
+                        f"{name} was written by an older sgdwalk for an archive id that cannot be confirmed as this archive's "
+                        f"({why}); its rows are not reused: pass another --out or remove it")
+                upgraded = True
+            else:
+                raise ResultsMismatchError(
+                    f"{name} holds results of a different archive ({safe(self.attrs.get('archive_path', '?'), 200)}, "
+                    f"id {escape(str(stored)[:20])} vs {escape(str(ident)[:20])}); pass another --out or remove it")
+        if isinstance(ident, ArchiveIdentity):
+            for t in self.tables.values():
+                t.check_against(ident, name)
+        if upgraded:
+            self.attrs["archive_id_legacy"] = stored
+            self.attrs["archive_id"] = str(ident)
+        return upgraded
+
     def _read(self) -> None:
+        name = escape(self.path)
+        try:
+            st = os.stat(self.path)
+        except OSError as err:
+            raise ResultsError(f"cannot read {name}: {one_line(err.strerror or err)}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ResultsMismatchError(f"{name} is not a regular file (a directory, FIFO or device), so not a results file; pass another --out")
         try:
             f = h5py.File(self.path, "r")
         except OSError as err:
-            msg = " ".join(str(err).split())
-            raise ResultsMismatchError(f"{self.path} is not a readable results file ({msg}); pass another --out or remove it") from None
-        with f:
-            if _attr(f.attrs.get("format")) != RESULTS_FORMAT:
-                raise ResultsMismatchError(f"{self.path} is not an sgdwalk results file (results files are written by sgdwalk analyze; an archive is not one)")
-            version = int(_attr(f.attrs.get("format_version", -1)))
-            if version > RESULTS_VERSION:
-                raise ResultsError(f"{self.path} uses results format v{version}, newer than v{RESULTS_VERSION}; upgrade sgdwalk")
-            self.attrs = {k: _attr(v) for k, v in f.attrs.items()}
-            if "metrics" in f:
-                for mname, mg in f["metrics"].items():
-                    for _h, g in mg.items():
-                        t = Table.read(g)
-                        self.tables[(t.metric, t.hash)] = t
+            raise ResultsMismatchError(f"{name} is not a readable results file ({one_line(err)}); pass another --out or remove it") from None
+        try:
+            with f:
+                self._read_open(f, name)
+        except (KeyError, OSError, RuntimeError, TypeError, ValueError, RecursionError) as err:
+            if isinstance(err, ResultsError):
+                raise
+            raise ResultsError(f"{name} cannot be read as a results file ({type(err).__name__}: {one_line(err)}); the file is damaged, remove it") from None
+
+    def _read_open(self, f: h5py.File, name: str) -> None:
+        if _attr(f.attrs.get("format")) != RESULTS_FORMAT:
+            raise ResultsMismatchError(f"{name} is not an sgdwalk results file (results files are written by sgdwalk analyze; an archive is not one)")
+        raw_version = _attr(f.attrs.get("format_version", -1))
+        if isinstance(raw_version, bool) or not isinstance(raw_version, int):
+            raise ResultsError(f"{name}: format_version {safe(raw_version, 40)} is not an integer; the file is damaged, remove it")
+        if raw_version > RESULTS_VERSION:
+            raise ResultsError(f"{name} uses results format v{raw_version}, newer than v{RESULTS_VERSION}; upgrade sgdwalk")
+        if raw_version < 1:
+            raise ResultsError(f"{name} has an invalid format_version {raw_version}; the file is damaged, remove it")
+        _refuse_links(f, name)
+        # sgdwalk writes scalar attributes only; anything else is not ours and is dropped at the next write
+        self.attrs = {k: v for k, v in ((k, _attr(v)) for k, v in f.attrs.items()) if isinstance(v, (str, int, float, bool))}
+        if not isinstance(self.attrs.get("archive_id"), str):
+            raise ResultsError(f"{name} lacks its archive_id attribute; the file is damaged, remove it")
+        metrics = f.get("metrics")
+        if metrics is None:
+            return
+        if not isinstance(metrics, h5py.Group):
+            raise ResultsError(f"{name}: /metrics is not a group; the file is damaged, remove it")
+        for _m, mg in metrics.items():
+            if not isinstance(mg, h5py.Group):
+                raise ResultsError(f"{name}: {escape(mg.name)} is not a group; the file is damaged, remove it")
+            for _h, g in mg.items():
+                if not isinstance(g, h5py.Group):
+                    raise ResultsError(f"{name}: {escape(g.name)} is not a group; the file is damaged, remove it")
+                t = Table.read(g)
+                if (t.metric, t.hash) in self.tables:
+                    raise ResultsError(f"{name}: two groups hold {safe(t.metric, 60)} under one configuration; the file is damaged")
+                self.tables[(t.metric, t.hash)] = t
 
     def table(self, metric: str, config: Mapping[str, Any], keys: Iterable[str], version: int = 1) -> Table:
         """The table of ``metric`` under ``config`` (created empty if new)."""
