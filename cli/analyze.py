@@ -10,6 +10,8 @@ import sys
 
 import click
 
+from ._util import MetricListingCommand
+
 __all__ = ["analyze", "show"]
 
 
@@ -38,7 +40,7 @@ def _options(pairs):
     return out
 
 
-@click.command("analyze")
+@click.command("analyze", cls=MetricListingCommand)
 @click.argument("archive", type=click.Path(dir_okay=False))
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="Results file (default: ARCHIVE with .results.h5 next to it).")
 @click.option("--metric", "-m", "metrics", multiple=True, help="Metric to run (repeatable or comma-separated); default: interpolation, floor, geometry, barriers. Plug-ins from the 'sgdwalk.metrics' entry point group work too.")
@@ -59,10 +61,13 @@ def _options(pairs):
 @click.option("--flush-seconds", type=float, default=2.0, show_default=True, help="Write results at least this often (atomic rewrite).")
 @click.option("--curvature-split", type=click.Choice(["pairs", "data"]), default="pairs", show_default=True,
               help="Under torchrun: give each rank whole curvature units (pairs) or split every unit's evaluation data across ranks and all-reduce Hessian-vector products (data: one large model on every GPU).")
+@click.option("--strategy", type=click.Choice(["auto", "vmap", "loop", "mlp"]), default="auto", show_default=True,
+              help="How states are evaluated: auto measures the strategies on the run's data and keeps the fastest; vmap (batched states), loop (one state at a time over large sample batches), mlp (bmm route, plain MLPs). Recorded in the results file; never changes which rows are reused.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
-@click.option("--quiet", "-q", "--no-progress", "quiet", is_flag=True, help="No progress bar (it is also off when stderr is not a terminal).")
+@click.option("--quiet", "-q", "--no-progress", "quiet", is_flag=True, help="No estimate line and no progress bar (the bar is also off when stderr is not a terminal, unless --progress).")
+@click.option("--progress", "force_progress", is_flag=True, help="Show the estimate and the progress bar even when stderr is not a terminal (log files, CI).")
 def analyze(archive, out, metrics, steps, alphas, eval_, bn, device, dtype, spans, loss, model, data, trust_specs, extra,
-            k, subset_seed, flush_seconds, curvature_split, as_json, quiet):
+            k, subset_seed, flush_seconds, curvature_split, strategy, as_json, quiet, force_progress):
     """Replay pairs of consecutive records of ARCHIVE and measure the loss landscape along the SGD path.
 
     Under torchrun (torchrun --nproc-per-node N -m trajectory.cli analyze ARCHIVE ...) the pairs are
@@ -81,7 +86,7 @@ def analyze(archive, out, metrics, steps, alphas, eval_, bn, device, dtype, span
             archive, out, metrics=names, steps=steps, alphas=alphas, spans=spans, eval=eval_ or DEFAULT_EVAL, bn=bn,
             device=device, dtype=dtype, loss=loss, model=model, data=data, trust_specs=trust_specs,
             options=opts, subset_seed=subset_seed, flush_seconds=flush_seconds, curvature_split=curvature_split,
-            progress=not quiet and sys.stderr.isatty(),
+            progress=not quiet and (force_progress or sys.stderr.isatty()), strategy=strategy,
         )
     except SgdwalkError as err:
         _fail(err)

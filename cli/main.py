@@ -1,19 +1,24 @@
 """The ``sgdwalk`` command line: thin click commands over the library.
 
 Each command parses its options and calls one library function (:func:`trajectory.training.train`,
-:func:`trajectory.archive.info.archive_info`); a Python user gets the same result from that call.
+:func:`trajectory.archive.info.archive_info`, :func:`trajectory.analysis.analyze`, ...); a Python user gets
+the same result from that call.
+
+Commands are loaded lazily: the group knows each command's module and one-line help, and imports the module
+only when the command runs (or its own ``--help`` is asked for). So ``sgdwalk --help`` and ``sgdwalk
+--version`` never import torch and answer in a fraction of a second. Adding a command is one line at the
+bottom of this module: ``main.add_lazy_command("name", ".module:command", "one-line help")`` (or
+``main.add_command(command)`` for a command object already imported).
 
 Errors sgdwalk raises on purpose (:class:`~trajectory.errors.SgdwalkError`) and ``ValueError`` from
 bad option values print ``error: <one line>`` on stderr and exit with status 2, without a
 traceback (set ``SGDWALK_DEBUG=1`` to see it). Ctrl-C during ``train`` exits with status 130 after
-closing the archive. Adding a command is one line at the bottom of this module:
-``main.add_command(command)``.
+closing the archive.
 """
 from __future__ import annotations
 
-import json
+import importlib
 import os
-import sys
 import warnings
 from typing import Any
 
@@ -22,27 +27,83 @@ import click
 from trajectory import __version__
 from trajectory.errors import SgdwalkError
 
-__all__ = ["main", "EXIT_ERROR", "EXIT_INTERRUPTED"]
+from ._util import EXIT_ERROR, EXIT_INTERRUPTED, json_object as _json_object, one_line as _one_line  # noqa: F401
 
-#: Exit status for every error sgdwalk reports itself (bad options, missing data, bad archives).
-EXIT_ERROR = 2
-#: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
-EXIT_INTERRUPTED = 130
-
-
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    if isinstance(err, KeyError) and len(err.args) == 1:
-        text = str(err.args[0])
-    return text or type(err).__name__
+__all__ = ["main", "EXIT_ERROR", "EXIT_INTERRUPTED", "SgdwalkGroup"]
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
     click.echo(f"warning: {_one_line(Exception(message))}", err=True)
 
 
+class _LazyCommands(dict):
+    """``group.commands`` that imports a lazily registered command on first lookup.
+
+    Membership, iteration and ``len`` include registered-but-not-imported commands, so code that reads
+    ``main.commands`` (tests, plug-ins) sees every command without importing any.
+    """
+
+    def __init__(self, loaded: dict):
+        super().__init__(loaded)
+        self.lazy: dict[str, tuple[str, str]] = {}  # name -> (".module:attribute", short help)
+
+    def loaded(self, name: str) -> bool:
+        return dict.__contains__(self, name)
+
+    def _load(self, name: str) -> click.Command:
+        module, _, attr = self.lazy[name][0].partition(":")
+        cmd = getattr(importlib.import_module(module, __package__), attr)
+        dict.__setitem__(self, name, cmd)
+        return cmd
+
+    def __contains__(self, name: object) -> bool:
+        return dict.__contains__(self, name) or name in self.lazy
+
+    def __getitem__(self, name: str) -> click.Command:
+        if not dict.__contains__(self, name) and name in self.lazy:
+            return self._load(name)
+        return dict.__getitem__(self, name)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in self else default
+
+    def __iter__(self):  # registration order: the workflow first
+        return iter(dict.fromkeys([*self.lazy, *dict.keys(self)]))
+
+    def keys(self):  # type: ignore[override]
+        return list(iter(self))
+
+    def __len__(self) -> int:
+        return len(dict.fromkeys([*self.lazy, *dict.keys(self)]))
+
+
 class SgdwalkGroup(click.Group):
-    """A click group that turns sgdwalk's own errors into ``error: ...`` and exit status 2."""
+    """A click group that loads commands on first use and turns sgdwalk's errors into ``error: ...`` + status 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.commands = _LazyCommands(self.commands)
+
+    def add_lazy_command(self, name: str, target: str, short_help: str) -> None:
+        """Register ``name`` as ``target`` (``".module:command"`` relative to this package), imported when used."""
+        self.commands.lazy[name] = (target, short_help)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(self.commands)  # registration order: record -> analyze -> report
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The command list from the registered one-line helps: listing commands imports none of them."""
+        rows = []
+        for name in self.list_commands(ctx):
+            if not self.commands.loaded(name):
+                rows.append((name, self.commands.lazy[name][1]))
+            else:
+                cmd = self.commands[name]
+                if not cmd.hidden:
+                    rows.append((name, cmd.get_short_help_str(limit=formatter.width - 6 - len(name))))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context) -> Any:
         old_show = warnings.showwarning
@@ -61,153 +122,25 @@ class SgdwalkGroup(click.Group):
 @click.group(cls=SgdwalkGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", "-V", prog_name="sgdwalk", message="%(prog)s %(version)s")
 def main() -> None:
-    """Record SGD trajectories and inspect them.
+    """Record SGD trajectories, replay them offline, and report the loss landscape along the path.
 
     \b
-    sgdwalk train --out run.h5               train an MLP on MNIST-1D, recording every step
-    sgdwalk info run.h5                      what an archive holds
+    The workflow: record -> analyze -> report
+      1. record   sgdwalk train --out run.h5          (or Recorder / the Lightning
+                                                      and Hugging Face callbacks
+                                                      in your own training loop)
+      2. analyze  sgdwalk analyze run.h5              -> run.results.h5
+                  (own model: --model ./net.py:Net --data ./net.py:make_data)
+      3. report   sgdwalk report run.results.h5       -> run.report/report.html
+    \b
+    Look inside: sgdwalk info run.h5, sgdwalk show run.results.h5.
+    Every command takes -h/--help and -q/--quiet (where it prints progress).
     """
 
 
-def _json_object(text: str | None, option: str) -> dict[str, Any]:
-    if text is None or not text.strip():
-        return {}
-    try:
-        value = json.loads(text)
-    except ValueError as err:
-        raise ValueError(f"{option} is not valid JSON ({_one_line(err)}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{option} must be a JSON object such as '{{\"hidden\": [100, 100]}}', got {text!r}")
-    return value
-
-
-# ---------------------------------------------------------------------------------------------- train
-@main.command("train")
-@click.option("--model", default="mlp", show_default=True, help="Zoo model (mlp, mlp_bn, cnn, cnn_bn, vgg11_bn, resnet18, preact_resnet20, ...) or 'package.module:factory'.")
-@click.option("--data", default="mnist1d", show_default=True, help="Zoo data set (mnist1d, cifar10, synthetic) or 'package.module:factory'.")
-@click.option("--model-kwargs", metavar="JSON", help="Model factory arguments as a JSON object, e.g. '{\"hidden\": [100, 100]}'.")
-@click.option("--data-kwargs", metavar="JSON", help="Data factory arguments as a JSON object, e.g. '{\"num_samples\": 2000}'.")
-@click.option("--data-dir", type=click.Path(file_okay=False), help="Local directory of a data set read from disk (CIFAR-10: the folder holding cifar-10-batches-py/). Never downloaded.")
-@click.option("--lr", type=float, default=0.1, show_default=True, help="Learning rate.")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Minibatch size.")
-@click.option("--steps", type=int, default=1000, show_default=True, help="Total number of SGD updates of the run.")
-@click.option("--momentum", type=float, default=0.0, show_default=True, help="SGD momentum (0 keeps every update exactly replayable).")
-@click.option("--weight-decay", type=float, default=0.0, show_default=True, help="SGD weight decay.")
-@click.option("--lr-drop", multiple=True, metavar="STEP:FACTOR", help="Multiply the learning rate by FACTOR from update STEP on (repeatable).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initialisation and of the minibatch order.")
-@click.option("--record", "schedule", default="every", show_default=True, metavar="SCHEDULE", help="Which steps to record: every | every:K | steps:A,B | pairs:T1,T2 | pairs-every:P | window:0-1000:1,1000-:100 | A+B.")
-@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Archive to write (.h5).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
-@click.option("--append", is_flag=True, help="Resume from the last record of an existing --out and train up to --steps.")
-@click.option("--codec", default=None, help="Archive codec (default: the lossless default; see docs/format.md).")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: CUDA when available).")
-@click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
-@click.option("--augment", is_flag=True, help="Use the data set's training augmentation (CIFAR-10: random crop and flip).")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
-@click.option("--json", "as_json", is_flag=True, help="Print the run summary as JSON on stdout.")
-def train_command(
-    model: str,
-    data: str,
-    model_kwargs: str | None,
-    data_kwargs: str | None,
-    data_dir: str | None,
-    lr: float,
-    batch_size: int,
-    steps: int,
-    momentum: float,
-    weight_decay: float,
-    lr_drop: tuple[str, ...],
-    seed: int,
-    schedule: str,
-    out: str,
-    overwrite: bool,
-    append: bool,
-    codec: str | None,
-    device: str | None,
-    num_workers: int,
-    augment: bool,
-    no_progress: bool,
-    as_json: bool,
-) -> None:
-    """Train a model with plain SGD and record its trajectory to an archive.
-
-    \b
-    Examples:
-      sgdwalk train --out run.h5
-      sgdwalk train --model mlp --model-kwargs '{"hidden": [32, 32]}' --steps 300 --out small.h5
-      sgdwalk train --model vgg11_bn --data cifar10 --data-dir ~/data --lr 0.1 --batch-size 100 \\
-          --weight-decay 1e-4 --steps 50000 --record window:0-500:1,500-:100 --out vgg.h5
-    """
-    from trajectory.training import TrainingInterrupted, train
-
-    if overwrite and append:
-        raise ValueError("--overwrite and --append exclude each other")
-    try:
-        summary = train(
-            model,
-            data,
-            model_kwargs=_json_object(model_kwargs, "--model-kwargs"),
-            data_kwargs=_json_object(data_kwargs, "--data-kwargs"),
-            lr=lr,
-            batch_size=batch_size,
-            steps=steps,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            seed=seed,
-            schedule=schedule,
-            out=out,
-            mode="w" if overwrite else ("a" if append else "x"),
-            codec=codec,
-            device=device,
-            num_workers=num_workers,
-            data_dir=data_dir,
-            augment=augment,
-            progress=not no_progress,
-            lr_drop=list(lr_drop) or None,
-        )
-    except TrainingInterrupted as stop:
-        s = stop.summary
-        click.echo(
-            f"interrupted after {s['final_step']} steps: {s['out']} is closed and holds {s['records']} records "
-            f"(resume with --append)",
-            err=True,
-        )
-        sys.exit(EXIT_INTERRUPTED)
-    if as_json:
-        click.echo(json.dumps(summary, indent=2, sort_keys=True))
-        return
-    loss = "-" if summary["final_loss"] is None else f"{summary['final_loss']:.4g}"
-    acc = "-" if summary["final_accuracy"] is None else f"{summary['final_accuracy']:.3f}"
-    rate = f", {summary['steps_per_second']:.1f} steps/s" if summary["steps_per_second"] else ""
-    click.echo(
-        f"trained steps {summary['start_step']}..{summary['final_step']} on {summary['device']} "
-        f"in {summary['seconds']:.1f} s{rate}; last minibatch loss {loss}, accuracy {acc}"
-    )
-    click.echo(f"wrote {summary['out']}: {summary['records']} records ({summary['recorded']} new), codec {summary['codec']}")
-    if summary["first_nonfinite_step"] is not None:
-        click.echo(f"warning: the loss became NaN/Inf at step {summary['first_nonfinite_step']}; lower --lr", err=True)
-
-
-# ----------------------------------------------------------------------------------------------- info
-@main.command("info")
-@click.argument("archive", type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of the table.")
-def info_command(archive: str, as_json: bool) -> None:
-    """Show what an archive holds: records, steps, sizes, codec, NaNs, batches, specs, provenance."""
-    from trajectory.archive.info import archive_info, format_info
-
-    info = archive_info(archive)
-    if as_json:
-        click.echo(json.dumps(info, indent=2, sort_keys=True, allow_nan=False))
-    else:
-        click.echo(format_info(info))
-
-
-# Commands from other modules are registered here, one line each.
-from .analyze import analyze, show  # noqa: E402
-
-main.add_command(analyze)
-main.add_command(show)
-from .report import report  # noqa: E402
-
-main.add_command(report)
+# The commands, in workflow order; each module is imported only when its command is used.
+main.add_lazy_command("train", ".train:train_command", "Record: train a model with plain SGD into an archive.")
+main.add_lazy_command("info", ".info:info_command", "What an archive (or a results file) holds.")
+main.add_lazy_command("analyze", ".analyze:analyze", "Analyze: replay the recorded updates, measure the landscape.")
+main.add_lazy_command("show", ".analyze:show", "The summary table of a results file.")
+main.add_lazy_command("report", ".report:report", "Report: figures and one self-contained report.html.")

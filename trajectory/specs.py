@@ -76,6 +76,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from trajectory.adapters import ADAPTED_TARGET, HF_CONFIG_TARGET
 from trajectory.errors import SgdwalkError, SpecError, UntrustedSpecError
 from trajectory.zoo import (
     DATA_FACTORIES,
@@ -284,7 +285,15 @@ class Spec:
         is not a zoo factory and is not built without trust. Only the exact targets listed in
         :data:`trajectory.zoo.MODEL_FACTORIES` and :data:`trajectory.zoo.DATA_FACTORIES` count.
         """
-        return self.target in _BUILTIN_TARGETS
+        if self.target in _BUILTIN_TARGETS or self.target == HF_CONFIG_TARGET:
+            return True
+        if self.target == ADAPTED_TARGET:  # built-in wrapper: as trusted as the model spec inside it
+            inner = self.kwargs.get("model")
+            try:
+                return isinstance(inner, dict) and Spec(inner.get("target", ""), inner.get("kwargs") or {}).is_builtin
+            except SpecError:
+                return False
+        return False
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_json(self) -> str:
@@ -399,6 +408,8 @@ class Spec:
         """
         factory = self.resolve(trusted=trusted)
         kwargs = {**self.kwargs, **overrides}
+        if self.target == ADAPTED_TARGET:  # the inner spec is built under the same trust as this one
+            kwargs["_trusted"] = bool(trusted)
         try:
             signature: inspect.Signature | None = inspect.signature(factory)
         except (TypeError, ValueError):  # some builtins have no introspectable signature
