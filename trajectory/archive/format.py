@@ -23,6 +23,24 @@ SCALARS = "scalars"  # (n_scalars,) compound (step, name, value): trainer-suppli
 SCALAR_NAME_BYTES = 64
 SCALAR_DTYPE = np.dtype([("step", "<i8"), ("name", f"S{SCALAR_NAME_BYTES}"), ("value", "<f8")])
 
+#: Dtype of each 1-D bookkeeping dataset; readers refuse any other.
+BOOKKEEPING_DTYPES = {
+    STEPS: np.dtype("<i8"),
+    RECORD_TIME: np.dtype("<f8"),
+    NONFINITE: np.dtype("<i8"),
+    BATCH_STEP: np.dtype("<i8"),
+    BATCH_END: np.dtype("<i8"),
+    BATCH_INDICES: np.dtype("<i8"),
+    SCALARS: SCALAR_DTYPE,
+}
+
+#: Sanity bounds checked before anything is allocated from declared sizes (far above any real model).
+MAX_LAYOUT_ENTRIES = 1_000_000
+MAX_ROW_VALUES = 1 << 36
+
+#: Root attribute holding a random UUID (RFC 4122 text) written when the archive is created: the run's identity.
+ARCHIVE_UUID = "archive_uuid"
+
 REQUIRED_DATASETS = (LAYOUT, "params", STEPS, RECORD_TIME, NONFINITE, BATCH_STEP, BATCH_END, BATCH_INDICES, SCALARS)
 
 # Target size of one compressed-chunk's worth of raw rows.

@@ -16,7 +16,8 @@ import torch
 
 from ..errors import LayoutMismatchError
 
-__all__ = ["LayoutEntry", "Layout", "PARAMS", "BUFFERS", "BUFFERS_INT", "ROW_DATASETS"]
+__all__ = ["LayoutEntry", "Layout", "PARAMS", "BUFFERS", "BUFFERS_INT", "ROW_DATASETS", "LAYOUT_DTYPE", "LAYOUT_DTYPE_NAMES",
+           "FLOAT_DTYPE_NAMES"]
 
 #: Names of the three row datasets; every layout entry lives in exactly one of them.
 PARAMS = "params"
@@ -54,6 +55,11 @@ _TABLE_DTYPE = np.dtype(
         ("numel", "<i8"),
     ]
 )
+
+#: The stored layout table's compound dtype and the tensor dtype names it may hold (readers validate both).
+LAYOUT_DTYPE = _TABLE_DTYPE
+LAYOUT_DTYPE_NAMES = frozenset(_DTYPES)
+FLOAT_DTYPE_NAMES = frozenset(_FLOAT_WIDTH)
 
 
 @dataclass(frozen=True)

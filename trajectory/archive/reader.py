@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -21,7 +22,9 @@ from ..errors import ArchiveError, ArchiveFormatError, ArchiveVersionError, Layo
 from . import format as fmt
 from .codecs import Codec, bits_to_values, get_codec
 from .layout import BUFFERS, BUFFERS_INT, PARAMS, ROW_DATASETS, Layout
-from .recovery import check_not_truncated
+from .layout import FLOAT_DTYPE_NAMES, LAYOUT_DTYPE, LAYOUT_DTYPE_NAMES
+from .safety import open_h5_readonly, refuse_foreign_storage
+from ..textsafe import safe
 
 __all__ = ["Trajectory", "Pair"]
 
@@ -51,50 +54,120 @@ def _first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
-class _RowReader:
-    """Decodes rows of one row dataset, continuing XOR chains from the last row it decoded."""
+#: Decoded rows kept per row dataset by default (bytes). A sequential sweep decodes each chunk row-block once
+#: and serves every row of it from here; a block larger than this falls back to decoding row by row.
+DEFAULT_CACHE_BYTES = 512 << 20
 
-    def __init__(self, dset: h5py.Dataset):
+
+class _RowReader:
+    """Decodes rows of one row dataset a whole chunk row-block at a time, keeping recent blocks decoded.
+
+    Why blocks: HDF5 decompresses a whole chunk to return any part of it, and the default chunk cache (1 MiB)
+    is smaller than one chunk (~4 MiB), so reading row by row decompressed every chunk once per row in it
+    (8-64 times). Reading the chunk-aligned row range ``[start, start + chunk_rows)`` in one ``read_direct``
+    decompresses each chunk exactly once; the XOR chain is then undone in place, row after row (O(1) per
+    row), and the decoded block answers every later read of its rows from memory.
+    """
+
+    def __init__(self, dset: h5py.Dataset, path: str, cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.dset = dset
+        self.path = path
+        self.name = dset.name.lstrip("/")
         self.logical = np.dtype(dset.attrs.get("logical_dtype", str(dset.dtype)))
         self.transform = str(dset.attrs.get("transform", "none"))
         self.chunk_rows = dset.chunks[0] if dset.chunks else 1
         self._block_codec = Codec("", self.transform, "none")
-        self._last: tuple[int, np.ndarray] | None = None  # (row index, un-XOR-ed disk bits)
+        self._last: tuple[int, np.ndarray] | None = None  # (row index, un-XOR-ed disk bits): per-row fallback
+        block_bytes = self.chunk_rows * max(1, dset.shape[1]) * max(dset.dtype.itemsize, self.logical.itemsize)
+        self.max_blocks = int(cache_bytes // block_bytes) if cache_bytes > 0 else 0
+        self._blocks: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.steps: np.ndarray | None = None  # set by Trajectory, to name steps in corruption errors
 
+    # ------------------------------------------------------------------ errors
+    def corrupt(self, start: int, stop: int, err: BaseException) -> ArchiveFormatError:
+        """One line naming the dataset and records whose stored chunk failed to decode (checksum or filter)."""
+        where = f"records {start}-{stop - 1}" if stop - start > 1 else f"record {start}"
+        steps = self.steps
+        if steps is not None and 0 <= start < len(steps):
+            last = min(stop, len(steps)) - 1
+            where += f" (steps {int(steps[start])}-{int(steps[last])})"
+        return ArchiveFormatError(
+            f"{self.path}: dataset '{self.name}' {where} cannot be read, the stored chunk is corrupt "
+            f"({_first_line(err)[:160]}); restore a good copy or re-record"
+        )
+
+    def _read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        try:
+            if out is None:
+                return self.dset[start:stop]
+            self.dset.read_direct(out, np.s_[start:stop])
+            return out
+        except (OSError, ValueError, RuntimeError) as err:
+            raise self.corrupt(start, stop, err) from None
+
+    # ------------------------------------------------------------------ blocks
+    def _block(self, cstart: int, n_valid: int) -> np.ndarray:
+        """Decoded rows [cstart, min(cstart + chunk_rows, n_valid)) of one chunk row-block (cached)."""
+        want = min(cstart + self.chunk_rows, n_valid) - cstart
+        block = self._blocks.get(cstart)
+        if block is not None and block.shape[0] >= want:
+            self._blocks.move_to_end(cstart)
+            return block
+        raw = np.empty((want, self.dset.shape[1]), dtype=self.dset.dtype)
+        self._read(cstart, cstart + want, raw)
+        if self.transform.endswith("xor"):
+            for r in range(1, want):  # undo the XOR chain in place: one pass, O(1) per row
+                np.bitwise_xor(raw[r], raw[r - 1], out=raw[r])
+        block = bits_to_values(raw, self.transform, self.logical) if self.logical.kind == "f" else raw
+        self._blocks[cstart] = block
+        self._blocks.move_to_end(cstart)
+        while len(self._blocks) > self.max_blocks:
+            self._blocks.popitem(last=False)
+        return block
+
+    def drop_cache(self) -> None:
+        self._blocks.clear()
+        self._last = None
+
+    # ------------------------------------------------------------------ per-row fallback (blocks too large)
     def _bits(self, i: int) -> np.ndarray:
-        """Un-XOR-ed disk row i (still in disk dtype)."""
+        """Un-XOR-ed disk row i (still in disk dtype), continuing the chain from the previous row read."""
         if self.transform.endswith("xor"):
             start = i - i % self.chunk_rows
             last = self._last
             if last is not None and last[0] == i:
                 return last[1]
             if last is not None and last[0] == i - 1 and i != start:
-                bits = np.bitwise_xor(last[1], self.dset[i])
+                bits = np.bitwise_xor(last[1], self._read(i, i + 1)[0])
             else:
-                block = self.dset[start : i + 1]
+                block = self._read(start, i + 1)
                 bits = np.bitwise_xor.reduce(block, axis=0) if len(block) > 1 else block[0]
         else:
-            bits = self.dset[i]
+            bits = self._read(i, i + 1)[0]
         self._last = (i, bits)
         return bits
 
-    def row(self, i: int) -> np.ndarray:
+    def row(self, i: int, n_valid: int) -> np.ndarray:
+        """Decoded row i (a view into a cached block, or a fresh array on the fallback path)."""
+        if self.max_blocks:
+            cstart = i - i % self.chunk_rows
+            return self._block(cstart, n_valid)[i - cstart]
         return bits_to_values(self._bits(i), self.transform, self.logical)
 
-    def rows(self, start: int, stop: int) -> np.ndarray:
+    def rows(self, start: int, stop: int, n_valid: int) -> np.ndarray:
         """Rows [start, stop) decoded in bulk (reads from the chunk boundary when XOR-ed)."""
         if stop <= start:
             return np.empty((0, self.dset.shape[1]), dtype=self.logical)
-        if not self.transform.endswith("xor"):
-            return self._block_codec.decode(self.dset[start:stop], self.logical)
         out = np.empty((stop - start, self.dset.shape[1]), dtype=self.logical)
         pos = start
         while pos < stop:
             cstart = pos - pos % self.chunk_rows
             cend = min(cstart + self.chunk_rows, stop)
-            block = self._block_codec.decode(self.dset[cstart:cend], self.logical)
-            out[pos - start : cend - start] = block[pos - cstart :]
+            if self.max_blocks:
+                block = self._block(cstart, n_valid)
+            else:
+                block = self._block_codec.decode(self._read(cstart, cend), self.logical)
+            out[pos - start : cend - start] = block[pos - cstart : cend - cstart]
             pos = cend
         return out
 
@@ -115,45 +188,40 @@ class Trajectory:
         Passed to h5py; ``False`` on network file systems whose locks do not work.
     """
 
-    def __init__(self, path: str | os.PathLike, *, locking: bool | None = None):
+    def __init__(self, path: str | os.PathLike, *, locking: bool | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.path = os.fspath(path)
-        if not os.path.exists(self.path):
-            raise ArchiveError(f"no such archive: {self.path}")
-        if os.path.isdir(self.path):
-            raise ArchiveError(f"{self.path} is a directory, not an archive file")
-        kw = {} if locking is None else {"locking": locking}
-        truncated = check_not_truncated(self.path)
-        if truncated:
-            raise ArchiveFormatError(f"{self.path} is truncated ({truncated}); re-record it or restore a complete copy")
+        self._file = open_h5_readonly(self.path, locking=locking)
         try:
-            self._file = h5py.File(self.path, "r", libver="latest", swmr=True, **kw)
-        except OSError as err:
-            msg = _first_line(err)
-            if "signature" in msg or "superblock" in msg or "truncated" in msg or "EOF" in msg:
-                raise ArchiveFormatError(
-                    f"{self.path} is not a readable HDF5 file (truncated or foreign: {msg}); re-record or restore it"
-                ) from None
-            if "lock" in msg.lower():
-                raise ArchiveError(
-                    f"{self.path} is locked by a writer that has not flushed yet ({msg}); wait for its first flush or pass locking=False"
-                ) from None
-            raise ArchiveFormatError(f"cannot open {self.path} as an archive: {msg}") from None
-        try:
+            refuse_foreign_storage(self._file, self.path)
             self._validate()
+            self.layout = self._read_layout()
+            self.codec = get_codec(str(self._file.attrs["codec"]))
+            self._check_rows()
+            self._rows = {d: _RowReader(self._file[d], self.path, cache_bytes) for d in ROW_DATASETS if d in self._file}
+            self._load_meta()
         except BaseException:
             self._file.close()
             raise
-        self.layout = Layout.from_table(self._file[fmt.LAYOUT][()])
-        self.codec = get_codec(str(self._file.attrs["codec"]))
-        self._rows = {d: _RowReader(self._file[d]) for d in ROW_DATASETS if d in self._file}
-        self._load_meta()
 
     # ------------------------------------------------------------------ validation
+    def _fail(self, what: str) -> ArchiveFormatError:
+        return ArchiveFormatError(f"{self.path}: {what}; the archive is damaged or was not written by sgdwalk")
+
     def _validate(self) -> None:
+        """Root attributes and the presence and kind of every required dataset (cheap: no data read)."""
         f = self._file
-        if f.attrs.get("format") != fmt.FORMAT_NAME:
+        fmt_name = f.attrs.get("format")
+        if isinstance(fmt_name, bytes):
+            fmt_name = fmt_name.decode(errors="replace")
+        if fmt_name != fmt.FORMAT_NAME:
             raise ArchiveFormatError(f"{self.path} is an HDF5 file but not an sgdwalk trajectory archive (no format attribute)")
-        version = int(f.attrs.get("format_version", -1))
+        raw_version = f.attrs.get("format_version", None)
+        try:
+            if isinstance(raw_version, (str, bytes, float, np.floating)) or np.ndim(raw_version) != 0:
+                raise TypeError
+            version = int(raw_version)
+        except (TypeError, ValueError, OverflowError):
+            raise ArchiveFormatError(f"{self.path} has an invalid format_version {safe(raw_version, 40)}; the archive is damaged") from None
         if version > fmt.FORMAT_VERSION:
             raise ArchiveVersionError(
                 f"{self.path} uses archive format v{version}, newer than v{fmt.FORMAT_VERSION} read by this sgdwalk; upgrade sgdwalk"
@@ -163,33 +231,165 @@ class Trajectory:
         for name in fmt.REQUIRED_DATASETS:
             if name not in f:
                 raise ArchiveFormatError(f"{self.path} lacks the required dataset '{name}'; the file is damaged or incomplete")
+            if not isinstance(f[name], h5py.Dataset):
+                raise self._fail(f"'{name}' is not a dataset")
         if "codec" not in f.attrs:
             raise ArchiveFormatError(f"{self.path} lacks the 'codec' attribute; the file is damaged")
         try:
             get_codec(str(f.attrs["codec"]))
         except ValueError:
-            raise ArchiveVersionError(f"{self.path} uses codec {f.attrs['codec']!r} unknown to this sgdwalk; upgrade sgdwalk") from None
+            raise ArchiveVersionError(
+                f"{self.path} uses codec {safe(f.attrs['codec'], 60)} unknown to this sgdwalk; upgrade sgdwalk"
+            ) from None
+        for name, dtype in fmt.BOOKKEEPING_DTYPES.items():
+            d = f[name]
+            if d.ndim != 1:
+                raise self._fail(f"dataset '{name}' has {d.ndim} dimensions, expected 1")
+            if d.dtype != dtype:
+                raise self._fail(f"dataset '{name}' has dtype {d.dtype}, expected {np.dtype(dtype)}")
+            self._check_declared(name, d)
+
+    def _check_declared(self, name: str, d: h5py.Dataset) -> None:
+        """A declared length must be backed by stored chunks (checked before anything is allocated for it)."""
+        if d.chunks is None:
+            limit = d.id.get_storage_size() // max(1, d.dtype.itemsize)
+        else:
+            per_row_block = 1
+            for extent, chunk in zip(d.shape[1:], d.chunks[1:]):
+                per_row_block *= -(-extent // chunk) if extent else 1
+            limit = -(-d.id.get_num_chunks() // per_row_block) * d.chunks[0]
+        if d.shape and d.shape[0] > limit:
+            raise self._fail(f"dataset '{name}' declares {d.shape[0]} entries but stores at most {limit}")
+
+    def _read_layout(self) -> Layout:
+        d = self._file[fmt.LAYOUT]
+        if d.ndim != 1 or d.dtype != LAYOUT_DTYPE:
+            raise self._fail("the layout table has the wrong shape or dtype")
+        if d.shape[0] > fmt.MAX_LAYOUT_ENTRIES:
+            raise self._fail(f"the layout table declares {d.shape[0]} entries")
+        table = self._read_meta(fmt.LAYOUT, d)
+        try:
+            layout = Layout.from_table(table)
+        except (ValueError, UnicodeDecodeError):
+            raise self._fail("the layout table holds an unreadable entry") from None
+        pos = dict.fromkeys(ROW_DATASETS, 0)
+        for e in layout.entries:
+            if e.dataset not in pos:
+                raise self._fail(f"layout entry {safe(e.name, 60)} names an unknown row dataset {safe(e.dataset, 20)}")
+            if e.dtype not in LAYOUT_DTYPE_NAMES:
+                raise self._fail(f"layout entry {safe(e.name, 60)} has an unknown dtype {safe(e.dtype, 20)}")
+            kind_ok = (e.dtype in FLOAT_DTYPE_NAMES) != (e.dataset == BUFFERS_INT)
+            if not kind_ok:
+                raise self._fail(f"layout entry {safe(e.name, 60)} of dtype {e.dtype} cannot live in row dataset {e.dataset}")
+            if e.numel < 0 or e.offset != pos[e.dataset] or int(np.prod(e.shape, dtype=np.int64)) != e.numel or any(s < 0 for s in e.shape):
+                raise self._fail(f"layout entry {safe(e.name, 60)} has an inconsistent offset, size or shape")
+            pos[e.dataset] += e.numel
+        if layout.sizes[PARAMS] <= 0 or sum(layout.sizes.values()) > fmt.MAX_ROW_VALUES:
+            raise self._fail(f"the layout declares {layout.sizes[PARAMS]} parameters")
+        return layout
+
+    def _check_rows(self) -> None:
+        """Row datasets: width equal to the layout total, dtypes and transform as the layout and codec say."""
+        f = self._file
+        for d in ROW_DATASETS:
+            size = self.layout.sizes[d]
+            if d not in f:
+                if size:
+                    raise ArchiveFormatError(f"{self.path} lacks the required dataset '{d}'; the file is damaged or incomplete")
+                continue
+            ds = f[d]
+            if not isinstance(ds, h5py.Dataset) or ds.ndim != 2:
+                raise self._fail(f"dataset '{d}' is not a 2-D row dataset")
+            if ds.shape[1] != size:
+                raise self._fail(f"dataset '{d}' rows hold {ds.shape[1]} values but the layout says {size}")
+            logical = self.layout.storage_dtype(d)
+            stored_logical = ds.attrs.get("logical_dtype", None)
+            if stored_logical is not None and str(stored_logical if not isinstance(stored_logical, bytes) else stored_logical.decode()) != str(logical):
+                raise self._fail(f"dataset '{d}' says logical dtype {safe(stored_logical, 20)}, the layout says {logical}")
+            transform = ds.attrs.get("transform", None)
+            if isinstance(transform, bytes):
+                transform = transform.decode(errors="replace")
+            if logical.kind == "f":
+                expected = self.codec.transform
+                if transform is None and expected != "none":
+                    raise self._fail(f"dataset '{d}' lacks its 'transform' attribute (codec {self.codec.name} needs '{expected}')")
+                if transform is not None and str(transform) != expected:
+                    raise self._fail(f"dataset '{d}' has transform {safe(transform, 20)} but codec {self.codec.name} uses '{expected}'")
+            elif transform not in (None, "none"):
+                raise self._fail(f"dataset '{d}' holds integers but has transform {safe(transform, 20)}")
+            disk = self.codec.disk_dtype(logical) if d != BUFFERS_INT else np.dtype("int64")
+            if ds.dtype != disk:
+                raise self._fail(f"dataset '{d}' is stored as {ds.dtype}, codec {self.codec.name} stores {disk}")
+            if ds.chunks is None:
+                raise self._fail(f"dataset '{d}' is not chunked")
+            self._check_declared(d, ds)
+
+    def _read_meta(self, name: str, d: h5py.Dataset, stop: int | None = None) -> np.ndarray:
+        """Read a bookkeeping dataset (or its first ``stop`` entries); a corrupt chunk is one line."""
+        try:
+            return d[()] if stop is None else d[:stop]
+        except (OSError, ValueError, RuntimeError) as err:
+            raise ArchiveFormatError(
+                f"{self.path}: dataset '{name}' cannot be read, a stored chunk is corrupt ({_first_line(err)[:160]}); "
+                "restore a good copy or re-record"
+            ) from None
 
     def _load_meta(self) -> None:
         f = self._file
         n = f[fmt.STEPS].shape[0]
         for d in self._rows:
             n = min(n, f[d].shape[0])
+        for name in (fmt.RECORD_TIME, fmt.NONFINITE):
+            if f[name].shape[0] < n:
+                raise self._fail(f"dataset '{name}' has {f[name].shape[0]} entries for {n} records")
+        steps = self._read_meta(fmt.STEPS, f[fmt.STEPS], n).astype(np.int64)
+        if n and steps[0] < 0:
+            raise self._fail(f"record 0 has a negative step {int(steps[0])}")
+        if n > 1:
+            bad = np.flatnonzero(np.diff(steps) <= 0)
+            if len(bad):
+                i = int(bad[0])
+                raise self._fail(f"steps are not strictly increasing (record {i + 1} has step {int(steps[i + 1])} after {int(steps[i])})")
+        if self.closed_cleanly:
+            stored = self._file.attrs.get("n_records", None)
+            if stored is not None and np.ndim(stored) == 0 and not isinstance(stored, (str, bytes)) and int(stored) != n:
+                raise self._fail(f"it was closed with {int(stored)} records but holds {n}")
+        nb = f[fmt.BATCH_STEP].shape[0]
+        nb = min(nb, f[fmt.BATCH_END].shape[0])
+        batch_step = self._read_meta(fmt.BATCH_STEP, f[fmt.BATCH_STEP], nb).astype(np.int64)
+        ends = self._read_meta(fmt.BATCH_END, f[fmt.BATCH_END], nb).astype(np.int64)
+        if nb:
+            if batch_step[0] < 0 or (nb > 1 and np.any(np.diff(batch_step) <= 0)):
+                raise self._fail("batches/step is not strictly increasing from a non-negative step")
+            if ends[0] < 0 or (nb > 1 and np.any(np.diff(ends) < 0)):
+                raise self._fail("batches/end is not non-decreasing from 0")
+            if ends[-1] > f[fmt.BATCH_INDICES].shape[0]:
+                raise self._fail(f"batches/end points past the {f[fmt.BATCH_INDICES].shape[0]} stored indices")
         self._n = n
-        self._steps = f[fmt.STEPS][:n].astype(np.int64)
-        self._batch_step = f[fmt.BATCH_STEP][()]
-        nb = len(self._batch_step)
-        ends = f[fmt.BATCH_END][:nb]
-        nb = min(nb, len(ends))
-        self._batch_step, self._batch_end = self._batch_step[:nb], ends[:nb]
+        self._steps = steps
+        self._batch_step, self._batch_end = batch_step, ends
         self._scalars_raw = None
+        if not hasattr(self, "data_size"):
+            #: Number of training samples when known (set by whoever built the data): batch indices are then
+            #: checked against it, as they are always checked to be non-negative.
+            self.data_size: int | None = None
+        for reader in self._rows.values():
+            reader.steps = steps
 
     def refresh(self) -> int:
-        """See records a live writer flushed since opening (SWMR); returns the new record count."""
-        for reader in self._rows.values():
-            reader.dset.refresh()
-        for name in (fmt.STEPS, fmt.RECORD_TIME, fmt.NONFINITE, fmt.BATCH_STEP, fmt.BATCH_END, fmt.BATCH_INDICES, fmt.SCALARS):
-            self._file[name].refresh()
+        """See records a live writer flushed since opening (SWMR); returns the new record count.
+
+        A complete (cleanly closed) archive is opened without SWMR and cannot change: this is then a no-op.
+        """
+        if not self._file.swmr_mode:
+            return self._n
+        try:
+            for reader in self._rows.values():
+                reader.dset.refresh()
+            for name in (fmt.STEPS, fmt.RECORD_TIME, fmt.NONFINITE, fmt.BATCH_STEP, fmt.BATCH_END, fmt.BATCH_INDICES, fmt.SCALARS):
+                self._file[name].refresh()
+        except (OSError, RuntimeError) as err:
+            raise ArchiveFormatError(f"{self.path}: cannot refresh ({_first_line(err)[:160]})") from None
         self._load_meta()
         return self._n
 
@@ -226,6 +426,21 @@ class Trajectory:
     @property
     def n_buffers(self) -> int:
         return self.layout.sizes[BUFFERS] + self.layout.sizes[BUFFERS_INT]
+
+    @property
+    def checksums(self) -> bool:
+        """True when every dataset's chunks carry an HDF5 Fletcher32 checksum (archives written before them do not)."""
+        f = self._file
+        names = [d for d in ROW_DATASETS if d in f] + list(fmt.BOOKKEEPING_DTYPES)
+        return all(bool(f[n].fletcher32) for n in names)
+
+    @property
+    def uuid(self) -> str | None:
+        """The archive's random ``archive_uuid`` (None for archives written before UUIDs)."""
+        v = self._file.attrs.get(fmt.ARCHIVE_UUID)
+        if isinstance(v, bytes):
+            v = v.decode(errors="replace")
+        return str(v) if v else None
 
     @property
     def lossy(self) -> bool:
@@ -273,7 +488,7 @@ class Trajectory:
         if dataset not in self._rows:
             dtype = torch.int64 if dataset == BUFFERS_INT else torch.float32
             return torch.empty(0, dtype=dtype)
-        return torch.from_numpy(np.array(self._rows[dataset].row(i), copy=True))
+        return torch.from_numpy(np.array(self._rows[dataset].row(i, self._n), copy=True))
 
     def params(self, i: int) -> torch.Tensor:
         """Parameters of record ``i`` as one flat tensor in layout order (a fresh copy)."""
@@ -290,7 +505,7 @@ class Trajectory:
     def params_block(self, start: int, stop: int) -> torch.Tensor:
         """Parameters of records [start, stop) as a 2-D tensor, decoded chunk by chunk."""
         start, stop = max(0, start), min(stop, self._n)
-        return torch.from_numpy(self._rows[PARAMS].rows(start, stop))
+        return torch.from_numpy(self._rows[PARAMS].rows(start, stop, self._n))
 
     def state_dict(self, i: int) -> dict[str, torch.Tensor]:
         """Record ``i`` as a state dict (names, shapes and dtypes of the recorded model)."""
@@ -325,7 +540,24 @@ class Trajectory:
         if j >= len(self._batch_step) or self._batch_step[j] != step:
             return np.empty(0, dtype=np.int64)
         start = int(self._batch_end[j - 1]) if j else 0
-        return self._file[fmt.BATCH_INDICES][start : int(self._batch_end[j])].astype(np.int64)
+        stop = int(self._batch_end[j])
+        try:
+            idx = self._file[fmt.BATCH_INDICES][start:stop].astype(np.int64)
+        except (OSError, ValueError, RuntimeError) as err:
+            raise ArchiveFormatError(
+                f"{self.path}: dataset 'batches/indices' entries {start}-{stop - 1} (step {step}) cannot be read, "
+                f"the stored chunk is corrupt ({_first_line(err)[:160]}); restore a good copy or re-record"
+            ) from None
+        if idx.size:
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or (self.data_size is not None and hi >= self.data_size):
+                bad = lo if lo < 0 else hi
+                size = "" if self.data_size is None else f" of {self.data_size} training samples"
+                raise ArchiveFormatError(
+                    f"{self.path}: the minibatch of step {step} holds sample index {bad}, outside the data set{size}; "
+                    "the archive is damaged or belongs to other data"
+                )
+        return idx
 
     @property
     def batch_steps(self) -> np.ndarray:
@@ -334,7 +566,7 @@ class Trajectory:
 
     def _scalar_table(self) -> np.ndarray:
         if self._scalars_raw is None:
-            self._scalars_raw = self._file[fmt.SCALARS][()]
+            self._scalars_raw = self._read_meta(fmt.SCALARS, self._file[fmt.SCALARS])
         return self._scalars_raw
 
     @property
@@ -363,7 +595,7 @@ class Trajectory:
     @property
     def nonfinite(self) -> np.ndarray:
         """Number of NaN/Inf values in each record's rows."""
-        return self._file[fmt.NONFINITE][: self._n].astype(np.int64)
+        return self._read_meta(fmt.NONFINITE, self._file[fmt.NONFINITE], self._n).astype(np.int64)
 
     # ------------------------------------------------------------------ pairs
     def pairs(self, *, single_steps: bool = False, start: int = 0, stop: int | None = None) -> Iterator[Pair]:

@@ -14,6 +14,7 @@ background thread.
 from __future__ import annotations
 
 import json
+import uuid
 import os
 import time
 from typing import Any, Mapping
@@ -171,6 +172,7 @@ class ArchiveWriter:
         self.n_records = n
         self.last_step = int(f[fmt.STEPS][-1]) if n else None
         self._swmr = False
+        self._failed: BaseException | None = None
         self.closed = False
 
     def _open_for_append(self, kw: dict[str, Any]) -> h5py.File:
@@ -206,7 +208,9 @@ class ArchiveWriter:
             elif isinstance(v, str):
                 v = str(v)  # plain str: h5py cannot store str subclasses such as torch's TorchVersion
             f.attrs[k] = v
-        f.create_dataset(fmt.LAYOUT, data=layout.to_table())
+        f.attrs[fmt.ARCHIVE_UUID] = str(uuid.uuid4())  # the run's identity: never shared by two archives
+        table = layout.to_table()
+        f.create_dataset(fmt.LAYOUT, data=table, chunks=(max(1, len(table)),), fletcher32=True)
         for d in ROW_DATASETS:
             n_values = layout.sizes[d]
             if n_values == 0:
@@ -215,7 +219,9 @@ class ArchiveWriter:
             disk = self.codec.disk_dtype(logical)
             chunks = fmt.chunk_shape(n_values, logical.itemsize, chunk_rows)
             kwargs = self.codec.h5_kwargs() if d != BUFFERS_INT else _filter_kwargs(META_FILTER, None)
-            ds = f.create_dataset(d, shape=(0, n_values), maxshape=(None, n_values), dtype=disk, chunks=chunks, **kwargs)
+            ds = f.create_dataset(
+                d, shape=(0, n_values), maxshape=(None, n_values), dtype=disk, chunks=chunks, fletcher32=True, **kwargs
+            )
             ds.attrs["logical_dtype"] = str(logical)
             ds.attrs["transform"] = self.codec.transform if logical.kind == "f" else "none"
         meta = _filter_kwargs(META_FILTER, None)
@@ -228,7 +234,7 @@ class ArchiveWriter:
             (fmt.BATCH_INDICES, "<i8"),
             (fmt.SCALARS, fmt.SCALAR_DTYPE),
         ):
-            f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(fmt.META_CHUNK,), **meta)
+            f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(fmt.META_CHUNK,), fletcher32=True, **meta)
 
     def _check_appendable(self, layout: Layout) -> None:
         f = self.file
@@ -250,6 +256,8 @@ class ArchiveWriter:
     # ------------------------------------------------------------------ writing
     def add_record(self, step: int, rows: Mapping[str, np.ndarray], wall_time: float | None = None) -> None:
         """Queue one record; full chunks are written at once, partial ones at :meth:`flush`."""
+        if self._failed is not None:
+            raise self._failed
         if self.last_step is not None and step <= self.last_step:
             raise ArchiveFormatError(
                 f"record for step {step} is not after the archive's last step {self.last_step}; steps must increase"
@@ -289,35 +297,88 @@ class ArchiveWriter:
 
         Order matters for readers and crash safety: row data first, then the bookkeeping columns,
         and ``steps`` last, because readers take the number of complete records from ``steps``.
+        After any write error (disk full, I/O error) the writer is *failed*: it writes nothing more, so
+        ``steps`` never grows past rows whose data did not reach the file (no phantom records).
         """
-        for store in self.rows.values():
-            store.write()
-        for col in (self.times, self.nonfinite, self.batch_indices, self.batch_end, self.batch_step, self.scalars, self.steps):
-            col.write()
-        if not self._swmr:
-            self.file.swmr_mode = True  # from here on the file stays consistent even if we are killed
-            self._swmr = True
-        self.file.flush()
+        if self._failed is not None:
+            raise self._failed
+        try:
+            for store in self.rows.values():
+                store.write()
+            for col in (self.times, self.nonfinite, self.batch_indices, self.batch_end, self.batch_step, self.scalars):
+                col.write()
+            self.file.flush()  # every row and column durable before steps says they exist
+            self.steps.write()
+            if not self._swmr:
+                self.file.swmr_mode = True  # from here on the file stays consistent even if we are killed
+                self._swmr = True
+            self.file.flush()
+        except BaseException as err:
+            self._fail(err)
+            raise
 
-    def close(self) -> None:
-        """Flush, close, and mark the archive as cleanly closed (readers report unclean ones)."""
+    def _fail(self, err: BaseException) -> None:
+        """Stop writing for good after a write error, leaving the file as a killed writer would.
+
+        HDF5 cannot close a file whose flush failed (it retries the writes, and in HDF5 2.0 closing the
+        datasets then crashes the interpreter). The file's descriptor is therefore pointed at /dev/null:
+        later writes (the close) are discarded, and the file on disk keeps every record up to the last
+        successful flush, readable like the file of a writer killed at that moment.
+        """
+        if self._failed is None:
+            self._failed = err if isinstance(err, Exception) else RuntimeError(str(err))
+        try:
+            fd = self.file.id.get_vfd_handle()
+        except Exception:
+            return
+        if isinstance(fd, int) and fd >= 0:
+            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                os.dup2(null, fd)
+            finally:
+                os.close(null)
+
+    def close(self, compact: bool = True) -> None:
+        """Flush, close, and mark the archive as cleanly closed (readers report unclean ones).
+
+        With ``compact`` (default), an archive whose file holds more than 3% dead space (see
+        :mod:`trajectory.archive.compact`) is then rewritten without it.
+        """
         if self.closed:
             return
         self.closed = True
+        if self._failed is not None:
+            self._close_failed()
+            raise self._failed
         try:
             self.flush()
-        finally:
-            self.file.close()
+        except BaseException:
+            self._close_failed()
+            raise
+        self.file.close()
         # SWMR forbids attribute writes, so the clean-close mark is set in a short second open.
         with h5py.File(self.path, "r+", libver="latest", **self._open_kw) as f:
             f.attrs["closed_cleanly"] = True
             f.attrs["n_records"] = int(f[fmt.STEPS].shape[0])
+        if compact:
+            from .compact import compact_if_wasteful
+
+            compact_if_wasteful(self.path)
+
+    def _close_failed(self) -> None:
+        try:
+            self.file.close()
+        except Exception:
+            pass  # the descriptor points at /dev/null; nothing more can reach the file
 
     def abort(self) -> None:
         """Close without the clean-close mark (used when the writer thread itself failed)."""
-        if not self.closed:
-            self.closed = True
+        if self.closed:
+            return
+        self.closed = True
+        if self._failed is None:
             try:
                 self.flush()
-            finally:
-                self.file.close()
+            except BaseException:
+                pass
+        self._close_failed()
