@@ -60,6 +60,7 @@ __all__ = [
     "ADAPTED_TARGET",
     "HF_CONFIG_TARGET",
     "LABEL_KEYS",
+    "input_fields",
 ]
 
 #: The built-in factory that rebuilds a model and wraps it in an adapter (model spec of adapted archives).
@@ -70,6 +71,33 @@ HF_CONFIG_TARGET = "trajectory.adapters:hf_from_config"
 LABEL_KEYS = ("labels", "label")
 
 
+def input_fields(item: dict) -> list[str]:
+    """The fields of a dict item (or collated batch) that are stacked as inputs, sorted by name.
+
+    Numeric, non-boolean fields besides the label whose shape is the most common one (ties: more
+    dimensions), so a per-sample scalar such as ``idx`` next to token sequences is left out.
+    """
+    import torch
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for k in sorted(item):
+        if k in LABEL_KEYS or isinstance(item[k], (str, bytes)):
+            continue
+        try:
+            t = torch.as_tensor(item[k])
+        except (TypeError, ValueError, RuntimeError):
+            continue  # strings, ragged lists: not model inputs
+        if t.dtype != torch.bool and not t.is_complex():
+            shapes[k] = tuple(t.shape)
+    if not shapes:
+        return []
+    counts: dict[tuple[int, ...], int] = {}
+    for shape in shapes.values():
+        counts[shape] = counts.get(shape, 0) + 1
+    best = max(counts, key=lambda sh: (counts[sh], len(sh)))
+    return [k for k, sh in shapes.items() if sh == best]
+
+
 def _stack_dict(batch: dict, keys: list[str] | None, what: str) -> "tuple[torch.Tensor, torch.Tensor, list[str]]":
     import torch
 
@@ -78,18 +106,7 @@ def _stack_dict(batch: dict, keys: list[str] | None, what: str) -> "tuple[torch.
         raise SpecError(f"{what} is a dict without a {' or '.join(repr(k) for k in LABEL_KEYS)} key (keys: {sorted(batch)})")
     y = torch.as_tensor(batch[label])
     if keys is None:
-        keys = []
-        for k in sorted(batch):
-            if k in LABEL_KEYS:
-                continue
-            v = batch[k]
-            if isinstance(v, torch.Tensor) or (isinstance(v, (int, float, list, tuple)) and not isinstance(v, bool)):
-                try:
-                    t = torch.as_tensor(v)
-                except (TypeError, ValueError, RuntimeError):
-                    continue  # strings, ragged lists: not model inputs
-                if t.dtype != torch.bool and (t.is_floating_point() or not t.is_complex()):
-                    keys.append(k)
+        keys = input_fields(batch)
     missing = [k for k in keys if k not in batch]
     if missing:
         raise SpecError(f"{what} lacks the input field(s) {missing} the model was trained with")
@@ -164,25 +181,38 @@ class Adapter:
 class HuggingFace(Adapter):
     """🤗 Transformers: dict batches with ``labels``, outputs with ``.logits``.
 
-    ``input_keys``: the model's input fields, in the order they are stacked (default: the sorted numeric
-    fields of the batch besides the label). The callback records the keys the Trainer fed the model.
+    ``input_keys``: the fields ``forward`` takes (keyword arguments). ``fields``: every numeric field of a
+    data item besides the label, sorted - what :func:`~trajectory.analysis.data.materialize` stacks; the
+    inputs are picked from them by name (the Trainer likewise drops columns ``forward`` does not take).
+    Without ``fields`` the stacked data must hold exactly ``input_keys``. The callback records both.
     """
 
     name = "huggingface"
 
-    def __init__(self, input_keys: list[str] | None = None):
-        super().__init__(**({"input_keys": sorted(input_keys)} if input_keys is not None else {}))
+    def __init__(self, input_keys: list[str] | None = None, fields: list[str] | None = None):
+        kw: dict[str, Any] = {}
+        if input_keys is not None:
+            kw["input_keys"] = sorted(input_keys)
+        if fields is not None:
+            kw["fields"] = sorted(fields)
+        super().__init__(**kw)
 
     def call(self, model: "nn.Module", forward: Callable[..., Any], x: "torch.Tensor") -> Any:
         keys = self.kwargs.get("input_keys")
         if keys is None:
             raise SpecError("the huggingface adapter needs input_keys to unpack stacked inputs")
-        if x.dim() < 2 or x.shape[1] != len(keys):
+        fields = self.kwargs.get("fields") or keys
+        k = x.shape[1] if x.dim() >= 2 else 1
+        if k == len(keys):
+            pos = range(len(keys))
+        elif k == len(fields):
+            pos = [fields.index(name) for name in keys]
+        else:
             raise SpecError(
-                f"the model takes the input fields {keys}, but the data gives {x.shape[1] if x.dim() >= 2 else 1}; "
-                "the analysis data must have exactly these fields plus 'labels' (drop the others)"
+                f"the model takes the input fields {keys}, but the data gives {k} numeric field(s); "
+                "the analysis data must hold these fields plus 'labels' (drop the others)"
             )
-        return forward(**{k: x[:, i] for i, k in enumerate(keys)})
+        return forward(**{name: x[:, i] for name, i in zip(keys, pos)})
 
 
 class _Captured(Exception):

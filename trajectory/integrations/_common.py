@@ -67,17 +67,33 @@ def install_tracker(loader: Any) -> RecordingBatchSampler | None:
 
 
 class StepWatcher:
-    """Counts real ``optimizer.step()`` calls through step post-hooks (skipped GradScaler steps do not count)."""
+    """Counts real ``optimizer.step()`` calls through step post-hooks (skipped GradScaler steps do not count).
+
+    It also reads the learning rate in force for each step (first parameter group of the first optimizer)
+    in a step *pre*-hook, i.e. before the step runs and before any scheduler steps: trainers call
+    ``scheduler.step()`` right after ``optimizer.step()`` and before the callbacks, so reading the optimizer
+    in the callback would give the *next* step's rate. :attr:`lr` is that value for the last real step.
+    """
 
     def __init__(self, optimizers: Iterable[torch.optim.Optimizer]):
         self.count = 0
+        self.lr: float | None = None
+        self._pending_lr: float | None = None
         self._handles = []
-        for opt in optimizers:
+        for k, opt in enumerate(optimizers):
             opt = innermost_optimizer(opt)
+            if k == 0:
+                self._handles.append(opt.register_step_pre_hook(self._pre_hook))
             self._handles.append(opt.register_step_post_hook(self._hook))
+
+    def _pre_hook(self, opt: Any, args: Any, kwargs: Any) -> None:
+        lr = opt.param_groups[0].get("lr") if opt.param_groups else None
+        self._pending_lr = float(lr) if lr is not None else None
 
     def _hook(self, opt: Any, args: Any, kwargs: Any) -> None:
         self.count += 1
+        if self._pending_lr is not None:
+            self.lr = self._pending_lr
 
     def remove(self) -> None:
         for h in self._handles:

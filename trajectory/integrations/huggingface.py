@@ -8,8 +8,18 @@ optimizer step (``on_step_end``, which the Trainer calls once per optimizer step
 ``gradient_accumulation_steps > 1``). The stored minibatch of an update is the indices of all
 its micro-batches concatenated in order. A step that the AMP ``GradScaler`` skipped (fp16
 overflow) changes nothing and is not recorded. Archive step ``s`` counts real updates;
-``state.global_step`` is stored with each update as the scalar ``global_step``, ``lr`` as well.
-The training loss is not handed to callbacks, so it is not stored.
+``state.global_step`` is stored with each update as the scalar ``global_step``, and ``lr`` is the
+learning rate the update used: it is read in an optimizer step pre-hook, before the Trainer steps its
+scheduler (reading it in ``on_step_end`` would give the *next* step's rate). The training loss is not
+handed to callbacks, so it is not stored.
+
+Analysis needs no adapter code: the callback records the model spec wrapped in the ``huggingface``
+adapter (:mod:`trajectory.adapters`: dict batches with ``labels``, ``output.logits``). A model of a
+``transformers`` class is recorded as the built-in ``trajectory.adapters:hf_from_config`` spec (its
+config, no weights, no remote code), so ``sgdwalk analyze run.h5 --data ./data.py:make_data`` is the
+whole command (or pass ``data_spec=`` here and analyse with ``--trust-specs``). The data factory returns
+the training dataset: dict items with ``labels`` (or ``label``) and the model's input fields, padded to
+one length.
 
 How the indices are captured: the Trainer builds its own sampler and DataLoader (and
 ``accelerate`` rebuilds it for distributed runs), and it drops dataset columns that the
@@ -36,6 +46,7 @@ try:
 except ImportError:
     raise ImportError("trajectory.integrations.huggingface needs 🤗 Transformers: pip install sgdwalk[hf]") from None
 
+from ..adapters import HuggingFace, adapted_spec, hf_model_spec, input_fields
 from ._common import BatchWindow, StepWatcher, innermost_optimizer, install_tracker
 from .ddp import make_recorder
 
@@ -87,6 +98,9 @@ class SgdwalkTrainerCallback(TrainerCallback):
         rec_kwargs = dict(self.recorder_kwargs)
         rec_kwargs.setdefault("optimizer", opt)
         rec_kwargs["scalars"] = self.scalars
+        spec = rec_kwargs.get("model_spec") or hf_model_spec(model)
+        if spec is not None:
+            rec_kwargs["model_spec"] = adapted_spec(spec, HuggingFace(**_input_fields(model, train_dataloader)))
         if state.global_step and "start_step" not in rec_kwargs and rec_kwargs.get("mode", "x") != "a":
             rec_kwargs["start_step"] = state.global_step  # resumed from a checkpoint
         self.recorder = make_recorder(self.path, model, schedule=self.schedule, **rec_kwargs)
@@ -118,7 +132,10 @@ class SgdwalkTrainerCallback(TrainerCallback):
         stepped = self._watcher.count != self._seen_steps
         self._seen_steps = self._watcher.count
         if stepped:  # a real update, not one skipped by the GradScaler
-            self.recorder.record(batch_indices=self._window.indices() if self.capture_indices else None, global_step=state.global_step)
+            scalars = {"global_step": state.global_step}
+            if self._watcher.lr is not None:
+                scalars["lr"] = self._watcher.lr  # in force for this step, read before the scheduler stepped
+            self.recorder.record(batch_indices=self._window.indices() if self.capture_indices else None, **scalars)
         self._window.clear()
 
     def _close(self) -> None:
@@ -131,3 +148,27 @@ class SgdwalkTrainerCallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._close()
+
+
+def _input_fields(model: Any, loader: Any) -> dict[str, Any]:
+    """The adapter's ``input_keys`` (fields the model's forward takes) and ``fields`` (numeric fields of an item).
+
+    The Trainer feeds ``forward`` only the dataset columns its signature names; the analysis data (the same
+    dataset) may still hold the others, so both lists are recorded and the adapter picks the inputs.
+    """
+    import inspect
+
+    dataset = getattr(loader, "dataset", None)
+    try:
+        item = dataset[0] if dataset is not None else None
+    except Exception:  # iterable datasets, lazy loading errors: fall back to the default field rule
+        item = None
+    if not isinstance(item, dict):
+        return {}
+    try:
+        accepted = set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        accepted = set(item)
+    fields = input_fields(item)
+    inputs = [k for k in fields if k in accepted]
+    return {"input_keys": inputs, "fields": fields} if inputs else {}

@@ -19,6 +19,17 @@ training batch in ``on_train_batch_start``. Works with any map-style dataset, sh
 processes and ``reload_dataloaders_every_n_epochs``; a single training DataLoader is supported
 (iterable datasets yield no indices: parameters are still recorded).
 
+Learning rate: the scalar ``lr`` is the rate the update used, read in an optimizer step pre-hook
+(before Lightning steps a per-step scheduler; reading the optimizer after the batch would give the
+*next* step's rate).
+
+Analysis: the callback records the model spec wrapped in the ``lightning`` adapter
+(:mod:`trajectory.adapters`), so a LightningModule without ``forward`` is evaluated through its
+``training_step`` logic. Without ``model_spec=`` the spec is the module's class with its
+``hparams`` (``self.save_hyperparameters()``) as keyword arguments, when the class is importable (not
+defined in ``__main__``). Pass ``data_spec=`` (a factory of the training dataset) and analyse with
+``sgdwalk analyze run.h5 --trust-specs``, or give ``--data`` at analysis time.
+
 Under DDP (``strategy="ddp"``) the callback runs on every rank and records through a
 :class:`~trajectory.integrations.ddp.DistributedRecorder`: rank 0 writes, indices of all ranks
 are gathered in rank order.
@@ -39,6 +50,7 @@ except ImportError:  # the unified "lightning" package ships the same API as lig
 
 import torch
 
+from ..adapters import Lightning, adapted_spec
 from ._common import BatchWindow, StepWatcher, install_tracker
 from .ddp import make_recorder
 
@@ -118,6 +130,9 @@ class SgdwalkCallback(pl.Callback):
         optimizers = list(trainer.optimizers)
         kwargs = dict(self.recorder_kwargs)
         kwargs.setdefault("optimizer", optimizers[0] if optimizers else None)
+        spec = kwargs.get("model_spec") or _module_spec(pl_module)
+        if spec is not None:
+            kwargs["model_spec"] = adapted_spec(spec, Lightning())
         if trainer.world_size > 1:
             kwargs["scalars"] = self.scalars
         if trainer.global_step and "start_step" not in kwargs and kwargs.get("mode", "x") != "a":
@@ -145,6 +160,8 @@ class SgdwalkCallback(pl.Callback):
         self._seen_steps = self._watcher.count
         if stepped:  # a real update (not one skipped by the GradScaler)
             scalars: dict[str, Any] = {"global_step": trainer.global_step}
+            if self._watcher.lr is not None:
+                scalars["lr"] = self._watcher.lr  # in force for this update, read before the scheduler stepped
             if self._window.losses:
                 scalars["loss"] = torch.stack(self._window.losses).sum()
             self.recorder.record(batch_indices=self._window.indices() if self.capture_indices else None, **scalars)
@@ -169,3 +186,24 @@ class SgdwalkCallback(pl.Callback):
         self._close()
         self._unpatch()
         self._tracker = None
+
+
+def _module_spec(pl_module: Any) -> Any:
+    """``module:Class`` with the module's JSON-able ``hparams`` as kwargs; None for classes in ``__main__``."""
+    import json
+
+    from ..specs import Spec
+
+    cls = type(getattr(pl_module, "module", pl_module))
+    if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
+        return None
+    try:
+        kwargs = json.loads(json.dumps(dict(getattr(pl_module, "hparams", {}) or {})))
+    except (TypeError, ValueError):
+        warnings.warn(f"sgdwalk: the hparams of {cls.__qualname__} are not JSON-serialisable; the recorded model spec "
+                      "has no kwargs (pass model_spec= to the callback)", stacklevel=3)
+        kwargs = {}
+    try:
+        return Spec(f"{cls.__module__}:{cls.__qualname__}", kwargs)
+    except Exception:  # a module path that is not an importable name
+        return None
