@@ -98,7 +98,10 @@ def read_superblock(path: str) -> SuperblockInfo | None:
     if lookup3(head[:end]) != stored:
         raise ArchiveFormatError(f"{path} is damaged (superblock checksum mismatch); restore a complete copy")
     base, _ext, eof = struct.unpack("<3Q", head[12:36])
-    if base + eof > size:
+    # A writer that was killed or hit a full disk can leave the end-of-file address a little past the bytes
+    # that reached the disk; its flushed records are still readable (SWMR reads are bounded, see above).
+    # A complete file (no write flags) must be as long as its superblock says.
+    if base + eof > size and head[11] == 0:
         raise ArchiveFormatError(
             f"{path} is truncated (file has {size} bytes but its superblock says {base + eof}); "
             "re-record it or restore a complete copy"
