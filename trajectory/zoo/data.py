@@ -23,9 +23,12 @@ on-disk format so that tests (ours and yours) exercise the real loader.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 import pickle
 import random
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -105,9 +108,107 @@ class LabeledTensorDataset(TensorDataset):
 _MNIST1D_LOCK = threading.Lock()
 
 
+#: Bumped when the cache file's layout changes; part of every cache key.
+_MNIST1D_CACHE_VERSION = 1
+_MNIST1D_KEYS = ("x", "y", "x_test", "y_test")
+
+
+def cache_dir() -> Path | None:
+    """sgdwalk's on-disk cache folder: ``$SGDWALK_CACHE_DIR``, else ``${XDG_CACHE_HOME:-~/.cache}/sgdwalk``.
+
+    ``SGDWALK_NO_CACHE=1`` (or ``SGDWALK_CACHE_DIR=off``) disables the cache: None is returned.
+    """
+    if os.environ.get("SGDWALK_NO_CACHE", "").strip() not in ("", "0"):
+        return None
+    explicit = os.environ.get("SGDWALK_CACHE_DIR")
+    if explicit is not None:
+        return None if explicit.strip().lower() in ("", "off", "none", "0") else Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sgdwalk"
+
+
+def _mnist1d_key(num_samples: int, train_split: float, seed: int) -> str:
+    """Everything the generated arrays depend on: arguments, the mnist1d package version, the cache layout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        pkg = version("mnist1d")
+    except PackageNotFoundError:  # pragma: no cover - the package is a dependency
+        pkg = "unknown"
+    return json.dumps(
+        {"cache": _MNIST1D_CACHE_VERSION, "num_samples": num_samples, "train_split": repr(float(train_split)),
+         "seed": seed, "mnist1d": pkg}, sort_keys=True)
+
+
+def _digest(arrays: Sequence[np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _cache_load(path: Path, key: str) -> tuple[np.ndarray, ...] | None:
+    """The cached arrays if the file is ours, for this key, and intact; None otherwise (never trusted blindly)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            arrays = tuple(z[k] for k in _MNIST1D_KEYS)
+    except Exception:  # missing, truncated, foreign or corrupt file: regenerate
+        return None
+    if not isinstance(meta, dict) or meta.get("key") != key or meta.get("sha256") != _digest(arrays):
+        return None
+    x, y, xt, yt = arrays
+    if x.dtype != np.float32 or xt.dtype != np.float32 or y.dtype != np.int64 or yt.dtype != np.int64:
+        return None
+    if x.ndim != 2 or xt.ndim != 2 or len(x) != len(y) or len(xt) != len(yt):
+        return None
+    return arrays
+
+
+def _cache_store(path: Path, key: str, arrays: Sequence[np.ndarray]) -> None:
+    """Write atomically (temporary file + rename), so a concurrent reader sees the old file or the new one."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = json.dumps({"key": key, "sha256": _digest(arrays)}).encode()
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, meta=np.frombuffer(meta, dtype=np.uint8), **dict(zip(_MNIST1D_KEYS, arrays)))
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+    except OSError:
+        pass  # a read-only or full cache folder only costs the regeneration next time
+
+
 @functools.lru_cache(maxsize=8)
 def _mnist1d_arrays(num_samples: int, train_split: float, seed: int) -> tuple[torch.Tensor, ...]:
-    """Generate MNIST-1D once per process and argument set (generation takes ~0.7 s).
+    """MNIST-1D for one argument set: from this process's memory, else the on-disk cache, else generated.
+
+    Generating takes ~0.7-1.6 s, paid by every CLI call before the cache (issue 10). The cache file is keyed by
+    the arguments and the mnist1d package version (:func:`_mnist1d_key`, also stored inside the file with a
+    sha256 of the arrays), so a stale, corrupt or foreign file is regenerated, never used.
+    """
+    folder = cache_dir()
+    key = _mnist1d_key(num_samples, train_split, seed)
+    path = None
+    if folder is not None:
+        name = hashlib.sha256(key.encode()).hexdigest()[:24]
+        path = folder / f"mnist1d-{name}.npz"
+        cached = _cache_load(path, key)
+        if cached is not None:
+            return tuple(torch.from_numpy(a) for a in cached)
+    arrays = _generate_mnist1d(num_samples, train_split, seed)
+    if path is not None:
+        _cache_store(path, key, arrays)
+    return tuple(torch.from_numpy(a) for a in arrays)
+
+
+def _generate_mnist1d(num_samples: int, train_split: float, seed: int) -> tuple[np.ndarray, ...]:
+    """Generate MNIST-1D with the package's procedural generator.
 
     ``mnist1d.data.make_dataset`` is the package's procedural generator; ``get_dataset`` would
     download or unpickle a file, so it is never used. The generator reseeds numpy's and Python's
@@ -128,11 +229,12 @@ def _mnist1d_arrays(num_samples: int, train_split: float, seed: int) -> tuple[to
         finally:
             np.random.set_state(np_state)
             random.setstate(py_state)
-    x = torch.from_numpy(np.ascontiguousarray(data["x"], dtype=np.float32))
-    y = torch.from_numpy(np.ascontiguousarray(data["y"], dtype=np.int64))
-    x_test = torch.from_numpy(np.ascontiguousarray(data["x_test"], dtype=np.float32))
-    y_test = torch.from_numpy(np.ascontiguousarray(data["y_test"], dtype=np.int64))
-    return x, y, x_test, y_test
+    return (
+        np.ascontiguousarray(data["x"], dtype=np.float32),
+        np.ascontiguousarray(data["y"], dtype=np.int64),
+        np.ascontiguousarray(data["x_test"], dtype=np.float32),
+        np.ascontiguousarray(data["y_test"], dtype=np.int64),
+    )
 
 
 def mnist1d(
