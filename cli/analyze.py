@@ -20,19 +20,24 @@ def _fail(err: BaseException) -> None:
         import traceback
 
         traceback.print_exception(type(err), err, err.__traceback__)
-    msg = " ".join(str(err).split()) or type(err).__name__
-    click.echo(f"error: {msg}", err=True)
+    from trajectory.textsafe import one_line
+
+    click.echo(f"error: {one_line(err)}", err=True)  # escaped and cut: messages quote values read from files
     sys.exit(2)
 
 
 def _options(pairs):
+    import json
+
+    from trajectory.textsafe import MAX_ECHO, MAX_JSON_DEPTH, json_depth, safe
+
     out = {}
     for item in pairs:
         key, sep, value = item.partition("=")
         if not sep:
-            raise click.BadParameter(f"{item!r}: use KEY=VALUE", param_hint="--option")
-        import json
-
+            raise click.BadParameter(f"{safe(item)}: use KEY=VALUE", param_hint="--option")
+        if len(value) > 100 * MAX_ECHO or json_depth(value) > MAX_JSON_DEPTH:  # before json.loads recurses
+            raise ValueError(f"--option {safe(key.strip(), 60)}: value of {len(value)} characters or nested too deep")
         try:
             out[key.strip()] = json.loads(value)
         except ValueError:
@@ -76,9 +81,13 @@ def analyze(archive, out, metrics, steps, alphas, eval_, bn, device, dtype, span
     from trajectory.analysis import DEFAULT_EVAL, analyze as run_analysis, format_summary
     from trajectory.analysis.summary import to_json
     from trajectory.errors import SgdwalkError
+    from trajectory.textsafe import escape_lines
 
     names = [n.strip() for m in metrics for n in m.split(",") if n.strip()] or None
     try:
+        from trajectory.analysis.options import parse_flush_seconds
+
+        flush_seconds = parse_flush_seconds(flush_seconds)  # NaN would never flush
         opts = _options(extra)
         if k is not None:
             opts["k"] = k
@@ -101,7 +110,7 @@ def analyze(archive, out, metrics, steps, alphas, eval_, bn, device, dtype, span
         computed = sum(report.computed.values())
         reused = sum(report.reused.values())
         if report.summary:  # empty after an interrupted distributed run (nothing merged yet)
-            click.echo(format_summary(report.summary))
+            click.echo(escape_lines(format_summary(report.summary)))
         procs = ""
         if report.world_size > 1:
             shares = " + ".join(str(sum(c.values())) for c in report.rank_computed)
@@ -129,7 +138,10 @@ def show(results, as_json, metrics):
     if metrics:
         keep = {n.strip() for m in metrics for n in m.split(",")}
         summary["tables"] = [t for t in summary["tables"] if t["metric"] in keep]
-    click.echo(to_json(summary) if as_json else format_summary(summary))
+    from trajectory.textsafe import escape_lines
+
+    # the table quotes strings read from the file (paths, specs): escape control characters before printing
+    click.echo(to_json(summary) if as_json else escape_lines(format_summary(summary)))
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m cli.analyze ARCHIVE ...` from a checkout

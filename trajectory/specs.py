@@ -78,6 +78,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from trajectory.adapters import ADAPTED_TARGET, HF_CONFIG_TARGET
 from trajectory.errors import SgdwalkError, SpecError, UntrustedSpecError
+from trajectory import textsafe
 from trajectory.zoo import (
     DATA_FACTORIES,
     DATA_MODULE,
@@ -194,8 +195,21 @@ def _import_module(module: str) -> Any:
 
 
 def _one_line(text: object) -> str:
-    """Collapse whitespace so that a message embedded from another exception stays on one line."""
-    return " ".join(str(text).split())
+    """Collapse whitespace so that a message embedded from another exception stays on one line (control
+    characters escaped, cut to a bounded length: specs come from archives and command lines)."""
+    return textsafe.one_line(text if isinstance(text, BaseException) else str(text))
+
+
+#: Spec JSON limits (docs/cli.md, "Limits"): longer or deeper text is refused before it is parsed.
+MAX_SPEC_CHARS = 64 * 1024
+MAX_SPEC_DEPTH = 32
+MAX_TARGET_CHARS = 1000
+
+
+def load_spec_json(text: str | bytes, what: str) -> Any:
+    """``json.loads`` for spec text from a user or an archive, within :data:`MAX_SPEC_CHARS` and
+    :data:`MAX_SPEC_DEPTH` (checked before parsing); any problem is one :class:`SpecError` line."""
+    return textsafe.load_json(text, what, error=SpecError, max_chars=MAX_SPEC_CHARS, max_depth=MAX_SPEC_DEPTH)
 
 
 def _canonical_kwargs(kwargs: object, where: str) -> dict[str, Any]:
@@ -236,11 +250,14 @@ class Spec:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if isinstance(self.target, str) and len(self.target) > MAX_TARGET_CHARS:  # before a regex scans 1 MB
+            raise SpecError(f"spec target {textsafe.safe(self.target, 120)} is {len(self.target)} characters long; "
+                            f"the limit is {MAX_TARGET_CHARS}")
         if not isinstance(self.target, str) or not (
             _TARGET_RE.fullmatch(self.target) or _FILE_TARGET_RE.fullmatch(self.target)
         ):
             raise SpecError(
-                f"malformed spec target {self.target!r}: expected 'package.module:factory' "
+                f"malformed spec target {textsafe.safe(self.target, 120)}: expected 'package.module:factory' "
                 "made of Python identifiers, e.g. 'trajectory.zoo.models:mlp', or 'path/to/file.py:factory'"
             )
         object.__setattr__(self, "kwargs", _canonical_kwargs(self.kwargs, f"spec {self.target!r}"))
@@ -307,15 +324,7 @@ class Spec:
         Raises :class:`SpecError` if the text is not a JSON object with a string ``"target"``, an
         optional object ``"kwargs"`` and no other keys.
         """
-        if isinstance(text, (bytes, bytearray)):
-            try:
-                text = bytes(text).decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise SpecError(f"spec text is not UTF-8 ({_one_line(err)})") from err
-        try:
-            obj = json.loads(text)
-        except (TypeError, ValueError) as err:
-            raise SpecError(f"spec text {_shorten(text)!r} is not valid JSON ({_one_line(err)})") from err
+        obj = load_spec_json(text, "spec text")
         if not isinstance(obj, dict) or "target" not in obj:
             raise SpecError(
                 f"spec text {_shorten(text)!r} must be a JSON object with a 'target' key"
@@ -342,12 +351,7 @@ class Spec:
         target = text.strip()
         kwargs: dict[str, Any] = {}
         if kwargs_json is not None and kwargs_json.strip():
-            try:
-                parsed = json.loads(kwargs_json)
-            except ValueError as err:
-                raise SpecError(
-                    f"kwargs for spec {target!r} are not valid JSON: {_shorten(kwargs_json)!r} ({_one_line(err)})"
-                ) from err
+            parsed = load_spec_json(kwargs_json, f"kwargs for spec {textsafe.safe(target, 120)}")
             if not isinstance(parsed, dict):
                 raise SpecError(
                     f"kwargs for spec {target!r} must be a JSON object like '{{\"width\": 64}}', "
@@ -456,8 +460,7 @@ class Spec:
 
 
 def _shorten(text: object, limit: int = 120) -> str:
-    s = _one_line(text)
-    return s if len(s) <= limit else s[: limit - 3] + "..."
+    return textsafe.cut(textsafe.escape(" ".join(str(text).split())), limit)
 
 
 def _resolve(name: str | Spec, kwargs: dict[str, Any], module: str, names: tuple[str, ...], kind: str) -> Spec:
@@ -471,7 +474,7 @@ def _resolve(name: str | Spec, kwargs: dict[str, Any], module: str, names: tuple
     if name in names:
         return Spec(f"{module}:{name}", kwargs)
     raise SpecError(
-        f"unknown {kind} {name!r}: built-in {kind}s are {', '.join(names)}; "
+        f"unknown {kind} {textsafe.safe(name, 120)}: built-in {kind}s are {', '.join(names)}; "
         "for your own code give 'package.module:factory'"
     )
 

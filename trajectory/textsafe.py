@@ -132,4 +132,4 @@ def load_json(text: str | bytes, what: str, *, error: type[Exception] = ValueErr
     try:
         return json.loads(text)
     except (ValueError, RecursionError) as err:
-        raise error(f"{what} {safe(text)} is not valid JSON ({one_line(err)})") from None
+        raise error(f"{what} is not valid JSON ({one_line(err)}): {safe(text)}") from None

@@ -14,23 +14,60 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..textsafe import safe
 from .errors import AnalysisError
 
 __all__ = ["parse_alphas", "parse_steps", "parse_spans", "EvalSpec", "parse_eval", "select_pairs", "pair_spans", "UPDATES",
-           "BN_POLICIES", "DTYPES", "LOSSES"]
+           "BN_POLICIES", "DTYPES", "LOSSES", "STRATEGIES", "parse_flush_seconds", "MAX_ALPHAS"]
 
 BN_POLICIES = ("train", "eval", "recompute")
 DTYPES = ("float32", "float64")
 LOSSES = ("cross_entropy", "mse")
+#: evaluation strategies (``--strategy``): ``auto`` lets the evaluator measure the others on the run's data
+STRATEGIES = ("auto", "vmap", "loop", "mlp")
+
+#: Limits checked before anything is allocated (docs/cli.md, "Limits"): an option string longer than
+#: MAX_OPTION_CHARS, an --alphas grid of more than MAX_ALPHAS points, more than MAX_SPANS spans or a span above
+#: MAX_SPAN records, more than MAX_STEP_ITEMS --steps items, and --eval subset:N above MAX_SUBSET are refused.
+MAX_OPTION_CHARS = 100_000
+MAX_ALPHAS = 10_001
+MAX_SPANS = 1_000
+MAX_SPAN = 10_000_000
+MAX_STEP_ITEMS = 100_000
+MAX_SUBSET = 100_000_000
+
+
+def _check_length(value: object, flag: str) -> None:
+    if isinstance(value, str) and len(value) > MAX_OPTION_CHARS:
+        raise AnalysisError(f"{flag} is {len(value)} characters long; the limit is {MAX_OPTION_CHARS}")
+
+
+def _int(text: str, flag: str, what: str) -> int:
+    """An integer option field; digits beyond Python's int-string limit or junk are one error line."""
+    try:
+        return int(text)
+    except ValueError:
+        raise AnalysisError(f"{flag} {what} {safe(text, 60)} is not an integer") from None
+
+
+def parse_flush_seconds(value: float | str) -> float:
+    """``--flush-seconds``: a finite number >= 0 (NaN would never flush: every comparison with it is false)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise AnalysisError(f"--flush-seconds {safe(value, 60)} is not a number") from None
+    if not math.isfinite(v) or v < 0:
+        raise AnalysisError(f"--flush-seconds {safe(value, 60)}: use a finite number of seconds >= 0")
+    return v
 
 
 def _float(text: str, what: str) -> float:
     try:
         v = float(text)
     except ValueError:
-        raise AnalysisError(f"{what}: {text!r} is not a number") from None
+        raise AnalysisError(f"{what}: {safe(text, 60)} is not a number") from None
     if not math.isfinite(v):
-        raise AnalysisError(f"{what}: {text!r} is not finite")
+        raise AnalysisError(f"{what}: {safe(text, 60)} is not finite")
     return v
 
 
@@ -38,24 +75,29 @@ def parse_alphas(value: str | Sequence[float] | None) -> list[float]:
     """Grid of interpolation coefficients a (θ(a) = θ_t + a·(θ_{t+1} − θ_t)), sorted and unique."""
     if value is None:
         return [round(i / 20, 12) for i in range(21)]
+    _check_length(value, "--alphas")
     if isinstance(value, str):
         text = value.strip()
         if ":" in text:
             parts = text.split(":")
             if len(parts) != 3:
-                raise AnalysisError(f"--alphas {value!r}: use start:stop:count (e.g. 0:1:21) or a comma list")
+                raise AnalysisError(f"--alphas {safe(value)}: use start:stop:count (e.g. 0:1:21) or a comma list")
             lo, hi = _float(parts[0], "--alphas"), _float(parts[1], "--alphas")
-            try:
-                n = int(parts[2])
-            except ValueError:
-                raise AnalysisError(f"--alphas {value!r}: count {parts[2]!r} is not an integer") from None
+            n = _int(parts[2], "--alphas", "count")
             if n < 2 or not hi > lo:
-                raise AnalysisError(f"--alphas {value!r}: need stop > start and count >= 2")
+                raise AnalysisError(f"--alphas {safe(value)}: need stop > start and count >= 2")
+            if n > MAX_ALPHAS:  # before np.linspace allocates n floats
+                raise AnalysisError(f"--alphas {safe(value)}: {n} points; the limit is {MAX_ALPHAS}")
             vals = [float(v) for v in np.linspace(lo, hi, n)]
         else:
-            vals = [_float(p, "--alphas") for p in text.split(",") if p.strip()]
+            items = [p for p in text.split(",") if p.strip()]
+            if len(items) > MAX_ALPHAS:
+                raise AnalysisError(f"--alphas: {len(items)} points; the limit is {MAX_ALPHAS}")
+            vals = [_float(p, "--alphas") for p in items]
     else:
         vals = [float(v) for v in value]
+        if len(vals) > MAX_ALPHAS:
+            raise AnalysisError(f"--alphas: {len(vals)} points; the limit is {MAX_ALPHAS}")
     vals = sorted({round(v, 12) for v in vals})
     if len(vals) < 2:
         raise AnalysisError("--alphas: need at least two points")
@@ -67,17 +109,20 @@ def parse_alphas(value: str | Sequence[float] | None) -> list[float]:
 def parse_spans(value: str | int | Sequence[int] | None) -> list[int]:
     if value is None:
         return [1]
+    _check_length(value, "--spans")
     if isinstance(value, int):
         items = [value]
     elif isinstance(value, str):
         try:
             items = [int(p) for p in value.split(",") if p.strip()]
         except ValueError:
-            raise AnalysisError(f"--spans {value!r}: expected positive integers such as 1,2,5") from None
+            raise AnalysisError(f"--spans {safe(value)}: expected positive integers such as 1,2,5") from None
     else:
         items = [int(v) for v in value]
     if not items or any(k < 1 for k in items):
-        raise AnalysisError(f"--spans {value!r}: spans are positive integers (records apart)")
+        raise AnalysisError(f"--spans {safe(value)}: spans are positive integers (records apart)")
+    if len(set(items)) > MAX_SPANS or max(items) > MAX_SPAN:
+        raise AnalysisError(f"--spans {safe(value)}: at most {MAX_SPANS} spans, each at most {MAX_SPAN} records")
     return sorted(set(items))
 
 
@@ -86,13 +131,17 @@ def parse_steps(value: str | Sequence[int] | None) -> list[tuple[int | None, int
     ``"updates"``: keep only pairs one optimizer step apart (single SGD updates), alone or with other items."""
     if value is None:
         return None
+    _check_length(value, "--steps")
     if not isinstance(value, str):
         return [int(v) for v in value]
     text = value.strip()
     if text in ("", "all", ":"):
         return None
     items: list = []
-    for part in text.split(","):
+    parts = text.split(",")
+    if len(parts) > MAX_STEP_ITEMS:
+        raise AnalysisError(f"--steps: {len(parts)} items; the limit is {MAX_STEP_ITEMS} (use A:B or A:B:K ranges)")
+    for part in parts:
         part = part.strip()
         if not part:
             continue
@@ -102,21 +151,21 @@ def parse_steps(value: str | Sequence[int] | None) -> list[tuple[int | None, int
         if ":" in part:
             bits = part.split(":")
             if len(bits) > 3:
-                raise AnalysisError(f"--steps item {part!r}: use S, A:B or A:B:K")
+                raise AnalysisError(f"--steps item {safe(part)}: use S, A:B or A:B:K")
             try:
                 a = int(bits[0]) if bits[0].strip() else None
                 b = int(bits[1]) if bits[1].strip() else None
                 k = int(bits[2]) if len(bits) == 3 and bits[2].strip() else 1
             except ValueError:
-                raise AnalysisError(f"--steps item {part!r}: bounds must be integers") from None
+                raise AnalysisError(f"--steps item {safe(part)}: bounds must be integers") from None
             if k < 1:
-                raise AnalysisError(f"--steps item {part!r}: every-K must be >= 1")
+                raise AnalysisError(f"--steps item {safe(part)}: every-K must be >= 1")
             items.append((a, b, k))
         else:
             try:
                 items.append(int(part))
             except ValueError:
-                raise AnalysisError(f"--steps item {part!r}: expected a step number, A:B or A:B:K") from None
+                raise AnalysisError(f"--steps item {safe(part)}: expected a step number, A:B or A:B:K") from None
     return items
 
 
@@ -188,14 +237,14 @@ def parse_eval(value: str | EvalSpec | None, seed: int = 0) -> EvalSpec:
             n = int(text.split(":", 1)[1])
         except ValueError:
             n = 0
-        if n < 1:
-            raise AnalysisError(f"--eval {value!r}: subset size must be a positive integer, e.g. subset:2000")
+        if n < 1 or n > MAX_SUBSET:
+            raise AnalysisError(f"--eval {safe(value)}: subset size must be an integer from 1 to {MAX_SUBSET}, e.g. subset:2000")
         return EvalSpec("subset", n, int(seed))
-    raise AnalysisError(f"--eval {value!r}: expected minibatch, subset:N, train or test")
+    raise AnalysisError(f"--eval {safe(value)}: expected minibatch, subset:N, train or test")
 
 
 def check_choice(value: str, choices: Iterable[str], flag: str) -> str:
     choices = tuple(choices)
     if value not in choices:
-        raise AnalysisError(f"{flag} {value!r}: expected one of {', '.join(choices)}")
+        raise AnalysisError(f"{flag} {safe(value)}: expected one of {', '.join(choices)}")
     return value
