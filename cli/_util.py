@@ -1,7 +1,6 @@
 """Small pieces the command modules share (kept free of torch so that loading a command stays cheap)."""
 from __future__ import annotations
 
-import json
 from typing import Any
 
 __all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "one_line", "json_object"]
@@ -12,24 +11,24 @@ EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
-def one_line(err: BaseException) -> str:
-    """An exception's message on one line (KeyError without its quotes)."""
-    text = " ".join(str(err).split())
-    if isinstance(err, KeyError) and len(err.args) == 1:
-        text = str(err.args[0])
-    return text or type(err).__name__
+def one_line(err: BaseException | str) -> str:
+    """An exception's message on one line (KeyError without its quotes), control characters escaped and cut to a
+    bounded length (:func:`trajectory.textsafe.one_line`)."""
+    from trajectory.textsafe import one_line as _one_line
+
+    return _one_line(err)
 
 
 def json_object(text: str | None, option: str) -> dict[str, Any]:
-    """Parse an option's JSON object text ('' or None -> {}); ValueError with one line otherwise."""
+    """Parse an option's JSON object text ('' or None -> {}); ValueError with one line otherwise (length and
+    nesting limited before parsing, the echoed text escaped and cut)."""
+    from trajectory.textsafe import load_json, safe
+
     if text is None or not text.strip():
         return {}
-    try:
-        value = json.loads(text)
-    except ValueError as err:
-        raise ValueError(f"{option} is not valid JSON ({one_line(err)}): {text!r}") from None
+    value = load_json(text, option)
     if not isinstance(value, dict):
-        raise ValueError(f"{option} must be a JSON object such as '{{\"hidden\": [100, 100]}}', got {text!r}")
+        raise ValueError(f"{option} must be a JSON object such as '{{\"hidden\": [100, 100]}}', got {safe(text)}")
     return value
 
 

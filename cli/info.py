@@ -17,6 +17,10 @@ RESULTS_FORMAT = "sgdwalk-results"  # the root "format" attribute of results fil
 
 def file_kind(path: str) -> str:
     """'results' for an sgdwalk results file, 'archive' for anything else (the archive reader explains)."""
+    import os
+
+    if not os.path.isfile(path):  # a FIFO would block h5py's open forever; the archive reader refuses it
+        return "archive"
     try:
         import h5py
 
@@ -46,6 +50,7 @@ def info_command(archive: str, as_json: bool) -> None:
     """
     if file_kind(archive) == "results":
         from trajectory.analysis import format_summary
+        from trajectory.textsafe import escape_lines
         from trajectory.analysis.summary import to_json
 
         info = _results_info(archive)
@@ -54,12 +59,13 @@ def info_command(archive: str, as_json: bool) -> None:
             return
         click.echo(f"{archive} is an sgdwalk results file (written by sgdwalk analyze), not a trajectory archive; "
                    f"its summary (same as `sgdwalk show {archive}`):")
-        click.echo(format_summary(info["summary"]))
+        click.echo(escape_lines(format_summary(info["summary"])))
         return
     from trajectory.archive.info import archive_info, format_info
+    from trajectory.textsafe import escape_lines
 
     info = archive_info(archive)
     if as_json:
         click.echo(json.dumps(info, indent=2, sort_keys=True, allow_nan=False))
     else:
-        click.echo(format_info(info))
+        click.echo(escape_lines(format_info(info)))  # attribute text from the file: no terminal escapes
