@@ -143,7 +143,10 @@ class Adapter:
             x, y, _ = _stack_dict(batch, self.kwargs.get("input_keys"), "a batch")
             return x, y
         if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-            return torch.as_tensor(batch[0]), torch.as_tensor(batch[1])
+            try:
+                return torch.as_tensor(batch[0]), torch.as_tensor(batch[1])
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise SpecError(f"a batch's (x, y) are not tensors ({' '.join(str(err).split())}); use an adapter") from None
         raise SpecError(f"a batch of type {type(batch).__name__} is neither (x, y) nor a dict with labels; use an adapter")
 
     def output(self, out: Any) -> "torch.Tensor":
