@@ -26,7 +26,6 @@ default group; with NCCL, tensors live on ``cuda:LOCAL_RANK``).
 """
 from __future__ import annotations
 
-import glob
 import os
 import signal
 import time
@@ -38,39 +37,12 @@ import torch.distributed as tdist
 
 from .errors import AnalysisError
 from .errors import ResultsMismatchError
+from .partials import PART_SUFFIX, merge_partials, part_path, partial_files
+from .plan import missing_units
 from .results import ResultsFile
+from .run import AnalysisReport, Job, run_blocks
 
-__all__ = ["DistContext", "part_path", "partial_files", "merge_partials", "open_stores", "run_distributed"]
-
-PART_SUFFIX = ".part-"
-
-
-def part_path(out_path: str | os.PathLike, rank: int) -> str:
-    """Partial results file of ``rank`` for the results file ``out_path``."""
-    return f"{os.fspath(out_path)}{PART_SUFFIX}{int(rank)}"
-
-
-def partial_files(out_path: str | os.PathLike) -> list[str]:
-    """Every partial file left next to ``out_path`` (by any world size), sorted by rank."""
-    base = os.fspath(out_path) + PART_SUFFIX
-    found = [p for p in glob.glob(glob.escape(base) + "*") if p[len(base):].isdigit()]
-    return sorted(found, key=lambda p: int(p[len(base):]))
-
-
-def merge_partials(final: ResultsFile) -> int:
-    """Fold every partial file of ``final`` into it, flush atomically, then delete the partial files.
-
-    Idempotent: a partial file whose rows are already in ``final`` (a crash between the flush and the
-    deletion) adds nothing. Returns the number of rows taken."""
-    parts = partial_files(final.path)
-    taken = 0
-    for p in parts:
-        taken += final.merge_from(ResultsFile(p, "r"))
-    if taken or final.dirty:
-        final.flush()
-    for p in parts:
-        os.unlink(p)
-    return taken
+__all__ = ["DistContext", "part_path", "partial_files", "merge_partials", "open_stores", "TorchrunRunner", "PART_SUFFIX"]
 
 
 @dataclass
@@ -216,128 +188,144 @@ def _adopt_file(tables: Mapping[str, Any], path: str, archive_id: str) -> int:
     return n
 
 
-def _levels(instances: Mapping[str, Any]) -> list[list[str]]:
-    level: dict[str, int] = {}
-    for name, inst in instances.items():  # instances are in dependency order
-        level[name] = 1 + max((level[d] for d in inst.requires if d in level), default=-1)
-    out: list[list[str]] = [[] for _ in range(max(level.values()) + 1)] if level else []
-    for name, lv in level.items():
-        out[lv].append(name)
-    return out
-
-
 def _is_curvature(inst: Any) -> bool:
     from .metrics.curvature import _Curvature
 
     return isinstance(inst, _Curvature)
 
 
-def run_distributed(dist: DistContext, run: Any, ctx: Any, instances: Mapping[str, Any], configs: Mapping[str, Any],
-                    tables: Mapping[str, Any], part: ResultsFile, final: ResultsFile | None, out_path: str, *,
-                    flush_seconds: float | None, progress: Any, on_block: Any, t0: float,
-                    curvature_split: str = "pairs") -> Any:
-    """The distributed body of :func:`~trajectory.analysis.analyze` (see the module docstring)."""
-    from .engine import _run_blocks
-    from .summary import summarize_tables
+class TorchrunRunner:
+    """The distributed runner (see the module docstring): same interface as :class:`~trajectory.analysis.run.LocalRunner`.
 
-    old_term = None
-    if dist.world > 1:
-        # torchrun stops the other workers with SIGTERM when one dies: flush the partial file first
-        def _term(signum, frame):  # noqa: ANN001
-            raise KeyboardInterrupt
+    Owns the process group from construction on: :meth:`close` releases the results lock, the partial file
+    and the group whether or not :meth:`run` ran (setup errors before the run too)."""
 
+    def __init__(self, dist: DistContext):
+        self.dist = dist
+        self.world_size = dist.world
+        self.rank = dist.rank
+        self.part: ResultsFile | None = None
+        self.final: ResultsFile | None = None
+        self._closed = False
+
+    def open(self, out_path: str, archive_id: str, info: Mapping[str, Any]) -> ResultsFile:
+        self.part, self.final = open_stores(self.dist, out_path, archive_id, info)
+        return self.part
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         try:
-            old_term = signal.signal(signal.SIGTERM, _term)
-        except ValueError:  # not the main thread
-            old_term = None
-    reports = []
-    interrupted = False
-    try:
-        # 1. what exists: the results file and every partial file (from runs of any world size)
-        err: BaseException | None = None
-        try:
-            if dist.rank != 0:
-                _adopt_file(tables, out_path, part.attrs["archive_id"])
-            else:
-                for name, t in tables.items():
-                    ft = final.tables.get((t.metric, t.hash))
-                    if ft is not None:
-                        for key in ft.sorted_keys():
-                            t.adopt(key, ft.meta[key], ft.rows[key])
-            for p in partial_files(out_path):
-                if p != part.path:
-                    _adopt_file(tables, p, part.attrs["archive_id"])
-        except Exception as e:  # noqa: BLE001
-            err = e
-        dist.agree(err)
+            if self.part is not None:
+                self.part.close()
+            if self.final is not None:
+                self.final.close()
+        finally:
+            self.part = self.final = None
+            self.dist.close()
 
-        reused = {name: sum(1 for u in inst.units(run.pairs) if tuple(u) in tables[name].rows) for name, inst in instances.items()}
-        data_split = {n for n, inst in instances.items() if curvature_split == "data" and _is_curvature(inst)}
-        # 2. level by level
-        for names in _levels(instances):
-            level = {n: instances[n] for n in names}
-            sharded = [n for n in names if n not in data_split]
-            todo = sorted({u[0] for n in sharded for u in level[n].units(run.pairs) if tuple(u) not in tables[n].rows})
-            todo = dist.broadcast(todo)  # rank 0's view decides; every rank read the same files
-            block = max(1, min(int(run.block_pairs), -(-len(todo) // dist.world)))  # every rank gets work
-            mine = {p for j in range(dist.rank * block, len(todo), dist.world * block) for p in todo[j : j + block]}
+    def run(self, job: Job) -> AnalysisReport:
+        from .summary import summarize_tables
 
-            def assign(name: str, unit: tuple[int, ...], mine=mine) -> bool:
-                return name in data_split or unit[0] in mine
+        dist, run, tables, part, final = self.dist, job.replay, job.tables, self.part, self.final
+        instances, configs, out_path = job.plan.instances, job.plan.configs, job.out_path
+        old_term = None
+        if dist.world > 1:
+            # torchrun stops the other workers with SIGTERM when one dies: flush the partial file first
+            def _term(signum, frame):  # noqa: ANN001
+                raise KeyboardInterrupt
 
-            adopt = frozenset(data_split) if dist.rank != 0 else frozenset()
-            run.data_shard = _DataShard(dist.rank, dist.world, dist.all_reduce) if data_split & set(names) else None
             try:
-                rep = _run_blocks(run, ctx, level, tables, part, run.traj, out_path, flush_seconds, progress, on_block, t0,
-                                  assign=assign, adopt=adopt, desc=f"analyze [rank {dist.rank}/{dist.world}]", summarize=False)
-            finally:
-                run.data_shard = None
-            reports.append(rep)
-            if rep.interrupted:
-                interrupted = True
-                break  # no collectives after an interrupt: the other ranks are being stopped too
-            # 3. exchange this level's rows so the next level finds its dependencies on every rank
-            mine_rows = {n: [(k, tables[n].meta[k], tables[n].rows[k]) for k in rep.computed_keys.get(n, [])] for n in names}
-            for r, rows in enumerate(dist.all_gather(mine_rows)):
-                if r == dist.rank:
-                    continue
-                for n, items in rows.items():
-                    for k, meta, row in items:
-                        tables[n].adopt(k, meta, row)
-        part.flush() if part.dirty else None
-        computed = {n: sum(r.computed.get(n, 0) for r in reports) for n in instances}
-        if interrupted:
+                old_term = signal.signal(signal.SIGTERM, _term)
+            except ValueError:  # not the main thread
+                old_term = None
+        reports = []
+        interrupted = False
+        try:
+            # 1. what exists: the results file and every partial file (from runs of any world size)
+            err: BaseException | None = None
+            try:
+                if dist.rank != 0:
+                    _adopt_file(tables, out_path, part.attrs["archive_id"])
+                else:
+                    for name, t in tables.items():
+                        ft = final.tables.get((t.metric, t.hash))
+                        if ft is not None:
+                            for key in ft.sorted_keys():
+                                t.adopt(key, ft.meta[key], ft.rows[key])
+                for p in partial_files(out_path):
+                    if p != part.path:
+                        _adopt_file(tables, p, part.attrs["archive_id"])
+            except Exception as e:  # noqa: BLE001
+                err = e
+            dist.agree(err)
+
+            pending, reused = missing_units(instances, tables, run.pairs)
+            if dist.rank == 0 and any(pending.values()):
+                est = job.progress.estimate(job.ctx, {n: (instances[n], pending[n]) for n in instances}, world=dist.world)
+                job.progress.announce(est)
+            data_split = {n for n, inst in instances.items() if job.curvature_split == "data" and _is_curvature(inst)}
+            # 2. level by level
+            for names in job.plan.levels:
+                level = {n: instances[n] for n in names}
+                sharded = [n for n in names if n not in data_split]
+                todo = sorted({u[0] for n in sharded for u in level[n].units(run.pairs) if tuple(u) not in tables[n].rows})
+                todo = dist.broadcast(todo)  # rank 0's view decides; every rank read the same files
+                block = max(1, min(int(run.block_pairs), -(-len(todo) // dist.world)))  # every rank gets work
+                mine = {p for j in range(dist.rank * block, len(todo), dist.world * block) for p in todo[j : j + block]}
+
+                def assign(name: str, unit: tuple[int, ...], mine=mine) -> bool:
+                    return name in data_split or unit[0] in mine
+
+                adopt = frozenset(data_split) if dist.rank != 0 else frozenset()
+                run.data_shard = _DataShard(dist.rank, dist.world, dist.all_reduce) if data_split & set(names) else None
+                try:
+                    rep = run_blocks(job, level, assign=assign, adopt=adopt, desc=f"analyze [rank {dist.rank}/{dist.world}]",
+                                     summarize=False)
+                finally:
+                    run.data_shard = None
+                reports.append(rep)
+                if rep.interrupted:
+                    interrupted = True
+                    break  # no collectives after an interrupt: the other ranks are being stopped too
+                # 3. exchange this level's rows so the next level finds its dependencies on every rank
+                mine_rows = {n: [(k, tables[n].meta[k], tables[n].rows[k]) for k in rep.computed_keys.get(n, [])] for n in names}
+                for r, rows in enumerate(dist.all_gather(mine_rows)):
+                    if r == dist.rank:
+                        continue
+                    for n, items in rows.items():
+                        for k, meta, row in items:
+                            tables[n].adopt(k, meta, row)
+            if part.dirty:
+                part.flush()
+            computed = {n: sum(r.computed.get(n, 0) for r in reports) for n in instances}
+            if interrupted:
+                self.part = None
+                part.close()
+                return self._report(job, tables, computed, [computed], reused, True, {})
+            # 4. fold the partial files into the results file (rank 0), once every rank has flushed
+            self.part = None
             part.close()
-            part = None
-            return _report(out_path, tables, computed, [computed], reused, True, t0, run, dist, {})
-        # 4. fold the partial files into the results file (rank 0), once every rank has flushed
-        part.close()
-        part = None
-        totals = dist.all_gather(computed)
-        total = {n: sum(t.get(n, 0) for t in totals) for n in instances}
-        dist.barrier()
-        summary: dict = {}
-        if dist.rank == 0:
-            merge_partials(final)
-            ftables = [final.table(n, configs[n], instances[n].keys, instances[n].version) for n in instances]
-            summary = summarize_tables(final, ftables)
-        dist.barrier()
-        return _report(out_path, tables, total, totals, reused, False, t0, run, dist, summary)
-    finally:
-        if part is not None:
-            part.close()
-        if final is not None:
-            final.close()
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
-        dist.close()
+            totals = dist.all_gather(computed)
+            total = {n: sum(t.get(n, 0) for t in totals) for n in instances}
+            dist.barrier()
+            summary: dict = {}
+            if dist.rank == 0:
+                merge_partials(final)
+                ftables = [final.table(n, configs[n], instances[n].keys, instances[n].version) for n in instances]
+                summary = summarize_tables(final, ftables)
+            dist.barrier()
+            return self._report(job, tables, total, totals, reused, False, summary)
+        finally:
+            if old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
+            self.close()
 
-
-def _report(out_path, tables, computed, per_rank, reused, interrupted, t0, run, dist, summary):
-    from .engine import AnalysisReport
-
-    return AnalysisReport(
-        results_path=out_path, tables=dict(tables), computed=dict(computed), reused=reused, interrupted=interrupted,
-        seconds=time.perf_counter() - t0, points=run.evaluator.points_evaluated, summary=summary,
-        world_size=dist.world, rank=dist.rank, rank_computed=[dict(c) for c in per_rank],
-    )
+    def _report(self, job: Job, tables, computed, per_rank, reused, interrupted, summary) -> AnalysisReport:
+        return AnalysisReport(
+            results_path=job.out_path, tables=dict(tables), computed=dict(computed), reused=reused, interrupted=interrupted,
+            seconds=time.perf_counter() - job.t0, points=job.replay.evaluator.points_evaluated, summary=summary,
+            world_size=self.dist.world, rank=self.dist.rank, rank_computed=[dict(c) for c in per_rank],
+            strategy=dict(job.strategy),
+        )

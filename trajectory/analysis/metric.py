@@ -2,7 +2,7 @@
 
 A metric is a small class: it says which work units it has (one per pair by default), computes
 rows for a batch of units through the replay context it is handed, and optionally summarises its
-rows. It never opens an archive: the context (:class:`trajectory.analysis.engine.ReplayContext`)
+rows. It never opens an archive: the context (:class:`trajectory.analysis.replay.ReplayContext`)
 hands it state vectors and evaluates losses with the run's data, device, precision and BatchNorm
 policy, and the engine stores its rows with resume for free. See docs/analysis.md.
 
@@ -70,7 +70,7 @@ class Metric:
         False for metrics that never evaluate a loss (their configuration then ignores data/BN/dtype).
 
     Methods to implement: :meth:`compute`; optionally :meth:`validate`, :meth:`units`, :meth:`needs`,
-    :meth:`summarize`.
+    :meth:`summarize`, :meth:`cost` (for the progress estimate).
     """
 
     name: ClassVar[str] = ""
@@ -104,6 +104,16 @@ class Metric:
     def summarize(self, rows: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """Run-level summary of this metric's rows (column name -> array), for ``sgdwalk show``."""
         return {}
+
+    def cost(self, ctx: Any, units: Sequence[tuple[int, ...]]) -> float | None:
+        """Expected work of computing ``units``, in sample-forward equivalents, or None when unknown.
+
+        One sample through the model at one point is 1; a gradient costs about 3, a Hessian-vector product
+        about 5. ``ctx.eval_size`` is the number of samples of one model evaluation. Used only for the
+        up-front estimate and the progress bar's total (the bar then corrects itself with the work really
+        reported through ``ctx.evaluator.on_samples``), never for results; an estimate within 2x is plenty.
+        """
+        return None
 
 
 def register_metric(cls: type) -> type:

@@ -77,6 +77,10 @@ class Barriers(Metric):
                        "path_loss": loss, "nonfinite": False}
         return rows  # type: ignore[return-value]
 
+    def cost(self, ctx: Any, units: Sequence[tuple[int, ...]]) -> float:
+        """``barrier_points`` model evaluations per unit (exact; units whose floor is NaN cost nothing, counted anyway)."""
+        return float(len(units) * self.options["barrier_points"] * ctx.eval_size)
+
     def summarize(self, rows: Mapping[str, np.ndarray]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         spans = rows["span"]

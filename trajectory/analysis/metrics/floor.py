@@ -151,6 +151,28 @@ class Floor(Metric):
             }
         return rows  # type: ignore[return-value]
 
+    def cost(self, ctx: Any, units: Sequence[tuple[int, ...]]) -> float:
+        """Brent evaluations: one probe when the grid minimum is an end (known once the interpolation row exists),
+        else the golden-section bound for the bracket of two grid intervals down to ``xtol`` (Brent's parabolic
+        steps usually need fewer). Units whose curve is not known yet count the mean of the two cases."""
+        al = np.asarray(self.options["alphas"])
+        a = al[(al >= 0.0) & (al <= 1.0)]
+        width = 2.0 * float(np.max(np.diff(a)))
+        interior = 1.0 + math.ceil(math.log(max(width / self.options["xtol"], 1.0)) / math.log((1 + math.sqrt(5)) / 2))
+        seg = (al >= 0.0) & (al <= 1.0)
+        total = 0.0
+        for u in units:
+            try:
+                f = np.asarray(ctx.rows("interpolation", [u[0]])["loss"])[0, seg]
+            except Exception:  # noqa: BLE001 - not computed yet (or not reachable): an estimate only
+                total += (1.0 + interior) / 2
+                continue
+            if not np.all(np.isfinite(f)):
+                continue
+            j = int(np.argmin(f))
+            total += 1.0 if j in (0, len(f) - 1) else interior
+        return total * ctx.eval_size
+
     @staticmethod
     def _nonfinite_row(f: np.ndarray, evals: int = 0) -> dict[str, Any]:
         nan = float("nan")

@@ -24,6 +24,10 @@ class Geometry(Metric):
     uses_data = False
     description = "step length, distance from the first record, cosine of consecutive updates"
 
+    def cost(self, ctx: Any, units: Sequence[tuple[int, ...]]) -> float:
+        """No model evaluation: parameter vectors only."""
+        return 0.0
+
     def compute(self, ctx: Any, units: Sequence[tuple[int, ...]]) -> list[dict[str, Any]]:
         p0 = ctx.params(0)
         steps = ctx.steps

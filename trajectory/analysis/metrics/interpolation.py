@@ -27,6 +27,10 @@ class Interpolation(Metric):
         curves = ctx.evaluate_segments([(u[0], al) for u in units])
         return [{"loss": loss, "acc": acc} for loss, acc in curves]
 
+    def cost(self, ctx: Any, units: Sequence[tuple[int, ...]]) -> float:
+        """One model evaluation per grid point and unit (exact)."""
+        return float(len(units) * len(self.options["alphas"]) * ctx.eval_size)
+
     def summarize(self, rows: Mapping[str, np.ndarray]) -> dict[str, Any]:
         loss = rows["loss"]
         if len(loss) == 0:
