@@ -110,10 +110,21 @@ class SgdwalkGroup(click.Group):
         warnings.showwarning = _show_warning
         try:
             return super().invoke(ctx)
-        except (SgdwalkError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as err:
+        except click.UsageError as err:  # a subcommand's bad option value: one line, not click's usage block
             if os.environ.get("SGDWALK_DEBUG"):
                 raise
-            click.echo(f"error: {_one_line(err)}", err=True)
+            hint = f" (sgdwalk {err.ctx.info_name} -h for help)" if err.ctx is not None and err.ctx.parent is not None else ""
+            click.echo(f"error: {_one_line(err.format_message())}{hint}", err=True)
+            ctx.exit(EXIT_ERROR)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except (SgdwalkError, ValueError, OSError, KeyError, IndexError, RecursionError, MemoryError, OverflowError) as err:
+            # OSError covers FileNotFoundError, PermissionError, IsADirectoryError and h5py's read errors; the
+            # rest are what a damaged file or an absurd value can still raise from deep inside a library
+            if os.environ.get("SGDWALK_DEBUG"):
+                raise
+            name = "" if isinstance(err, (SgdwalkError, ValueError, OSError)) else f"{type(err).__name__}: "
+            click.echo(f"error: {name}{_one_line(err)}", err=True)
             ctx.exit(EXIT_ERROR)
         finally:
             warnings.showwarning = old_show
@@ -141,6 +152,7 @@ def main() -> None:
 # The commands, in workflow order; each module is imported only when its command is used.
 main.add_lazy_command("train", ".train:train_command", "Record: train a model with plain SGD into an archive.")
 main.add_lazy_command("info", ".info:info_command", "What an archive (or a results file) holds.")
+main.add_lazy_command("verify", ".verify:verify", "Check every chunk checksum and invariant of an archive.")
 main.add_lazy_command("analyze", ".analyze:analyze", "Analyze: replay the recorded updates, measure the landscape.")
 main.add_lazy_command("show", ".analyze:show", "The summary table of a results file.")
 main.add_lazy_command("report", ".report:report", "Report: figures and one self-contained report.html.")

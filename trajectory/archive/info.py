@@ -39,7 +39,7 @@ def archive_info(source: Any) -> dict[str, Any]:
     Keys: ``path``, ``format``, ``format_version``, ``records``, ``first_step``, ``last_step``,
     ``schedule``, ``parameters``, ``buffers`` (``float``, ``int``), ``file_bytes``, ``raw_bytes``
     (records x row bytes), ``row_bytes``, ``compression_ratio``, ``codec``, ``lossy``,
-    ``closed_cleanly``, ``nonfinite`` (``records``, ``first_step``, ``values``), ``batches``
+    ``closed_cleanly``, ``checksums`` (every chunk carries a Fletcher32 checksum), ``archive_uuid`` (or None), ``nonfinite`` (``records``, ``first_step``, ``values``), ``batches``
     (``records_with_batch``, ``single_step_pairs``, ``replayable_pairs``), ``scalars`` (name ->
     ``count``, ``first_step``, ``first``, ``last_step``, ``last``), ``model_spec``, ``data_spec``,
     ``model_class``, ``optimizer``, ``seed``, ``versions``, ``created``, ``argv``, ``metadata``.
@@ -113,6 +113,8 @@ def _info(traj: Any) -> dict[str, Any]:
         "codec": traj.codec.name,
         "lossy": bool(traj.lossy),
         "closed_cleanly": bool(traj.closed_cleanly),
+        "checksums": bool(traj.checksums),
+        "archive_uuid": traj.uuid,
         "nonfinite": {
             "records": int(len(bad)),
             "first_step": int(steps[bad[0]]) if len(bad) else None,
@@ -236,6 +238,11 @@ def format_info(info: dict[str, Any]) -> str:
         )
     )
     rows.append(("closed cleanly", "yes" if info["closed_cleanly"] else "NO"))
+    rows.append(
+        ("checksums", "Fletcher32 on every chunk, verified on read" if info.get("checksums")
+         else "none (written before checksums: corrupt chunk data cannot be detected)")
+    )
+    rows.append(("archive uuid", info.get("archive_uuid") or "none (written before archive UUIDs)"))
     rows.append(
         ("non-finite", "none" if not nf["records"] else f"{nf['records']} record(s), first at step {nf['first_step']}")
     )

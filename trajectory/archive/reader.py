@@ -1,9 +1,12 @@
 """The archive reader, :class:`Trajectory`: everything the analyzer needs, and nothing it must not do.
 
-It opens archives read-only in HDF5 SWMR mode, so it can follow a file another process is
-still writing (call :meth:`Trajectory.refresh`) and opens files whose writer was killed.
-Rows are decoded lazily; a sequential sweep costs one disk row per record because the last
-decoded row of each dataset is kept and the XOR chain continues from it.
+A complete archive is opened without SWMR (a damaged one then fails at once); a file a writer still holds,
+or whose writer was killed, is opened in SWMR-read mode with bounded metadata retries, so a reader can
+follow a live writer (call :meth:`Trajectory.refresh`) and read every flushed record of a killed one
+(:mod:`trajectory.archive.safety`). Opening validates the structure (steps, batch offsets, widths, dtypes,
+transform, declared sizes); reads verify each chunk's Fletcher32 checksum, and a corrupt chunk is one
+line naming the dataset and records. Rows are decoded a chunk row-block at a time and the decoded blocks
+are kept (``cache_bytes``), so sequential and nearby random reads decompress each chunk once.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import hdf5plugin  # noqa: F401  (registers the Blosc/zstd HDF5 filters the data
 import numpy as np
 import torch
 
-from ..errors import ArchiveError, ArchiveFormatError, ArchiveVersionError, LayoutMismatchError
+from ..errors import ArchiveError, ArchiveFormatError, ArchiveVersionError, LayoutMismatchError, SgdwalkError
 from . import format as fmt
 from .codecs import Codec, bits_to_values, get_codec
 from .layout import BUFFERS, BUFFERS_INT, PARAMS, ROW_DATASETS, Layout
@@ -199,6 +202,14 @@ class Trajectory:
             self._check_rows()
             self._rows = {d: _RowReader(self._file[d], self.path, cache_bytes) for d in ROW_DATASETS if d in self._file}
             self._load_meta()
+        except SgdwalkError:
+            self._file.close()
+            raise
+        except (KeyError, OSError, RuntimeError, ValueError, TypeError, UnicodeDecodeError) as err:
+            self._file.close()  # h5py's report of damaged metadata (bad checksum, unreadable object header)
+            raise ArchiveFormatError(
+                f"{self.path}: damaged HDF5 metadata ({_first_line(err)[:160]}); restore a good copy or re-record"
+            ) from None
         except BaseException:
             self._file.close()
             raise

@@ -142,12 +142,13 @@ def _read_attempts_setter() -> Any:
 
 
 def _open_swmr(path: str, locking: bool | None) -> h5py.File:
-    fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
-    fapl.set_fclose_degree(h5py.h5f.CLOSE_STRONG)
-    fapl.set_libver_bounds(h5py.h5f.LIBVER_LATEST, h5py.h5f.LIBVER_LATEST)
-    if locking is not None and hasattr(fapl, "set_file_locking"):
-        fapl.set_file_locking(bool(locking), ignore_when_disabled=False)
     setter = _read_attempts_setter()
+    try:  # h5py's own file-access list (same close degree as the writer's, if it lives in this process)
+        from h5py._hl.files import make_fapl
+
+        fapl = make_fapl(None, libver="latest", locking=locking)
+    except Exception:  # pragma: no cover - private helper changed: fall back to h5py's default retries
+        setter = None
     if setter is None:  # unknown libhdf5 build: HDF5's default retries (may be slow on damaged metadata)
         return h5py.File(path, "r", libver="latest", swmr=True, **({} if locking is None else {"locking": locking}))
     setter(fapl.id, SWMR_READ_ATTEMPTS)
