@@ -14,7 +14,19 @@ All on the same evaluation data, in one process, on ``--device`` (default: CUDA 
 
 It checks that sgdwalk's HVP equals the naive one and prints the ratios.
 
-    PYTHONPATH=. python benchmarks/bench_curvature.py [--device cpu] [--threads N] [--quick]
+Conv nets (zoo ``cnn_bn`` on MNIST-1D and ``preact_resnet20`` on synthetic 3x32x32 data, BatchNorm 'eval'):
+
+* rev / fwd per chunk size: one HVP over all samples per (mode, chunk), the time ``hvp=auto`` measures from, and
+  the choice ``autotune.measure`` makes (timed on one chunk, as in a run);
+* other candidates: the gradient by ``torch.func.grad`` (what ``loss_grad`` uses) against ``torch.autograd.grad``,
+  and channels-last memory format for the 2-D ResNet.
+
+One run vs two (the acceptance case of issue 10): ``analyze`` of a small ``cnn_bn`` archive with
+``hessian_top`` and ``sharpness`` together, against each alone; HVPs counted through ``Objective.hvp_many``.
+Together they must cost one Lanczos per pair, not two.
+
+    PYTHONPATH=. python benchmarks/bench_curvature.py [--device cpu|cuda] [--threads N] [--quick]
+        [--skip-cnn] [--skip-conv] [--skip-one-run]
 """
 from __future__ import annotations
 
@@ -26,8 +38,9 @@ import torch
 import torch.nn.functional as F
 
 from trajectory.analysis.curvature import Objective, top_eigen
+from trajectory.analysis.curvature.autotune import measure
 from trajectory.zoo.data import mnist1d, synthetic
-from trajectory.zoo.models import cnn, mlp
+from trajectory.zoo.models import cnn, cnn_bn, mlp, preact_resnet20
 
 
 def timeit(fn, reps: int, sync) -> float:
@@ -97,12 +110,127 @@ def bench(name, model, x, y, batch, device, reps, lanczos_iters):
           f" {r.matvecs} HVPs, {t_top:.2f} s")
 
 
+def bench_conv(name, model, x, y, device, reps, chunks):
+    """rev/fwd HVP per chunk, the autotune choice, func.grad vs autograd.grad, channels-last (4-D inputs)."""
+    model = model.to(device).eval()
+    x, y = x.to(device), y.to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    obj, p = Objective.from_model(model, x, y, bn="eval")
+    n = p.numel()
+    v = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(device, p.dtype)
+    print(f"\n{name}: {n:,} parameters, {len(x)} samples of {tuple(x.shape[1:])}, {p.dtype}, {device}; "
+          f"memory-budget chunk {obj.default_chunk()}")
+    print(f"  {'mode':5s} {'chunk':>6s} {'ms / HVP':>10s} {'samples/s':>10s}")
+    ref = None
+    for mode in ("rev", "fwd"):
+        for c in chunks:
+            o, _ = Objective.from_model(model, x, y, bn="eval", hvp=mode, chunk=c)
+            hv = o.hvp(p, v)
+            ref = hv if ref is None else ref
+            err = float((hv - ref).norm() / ref.norm())
+            t = timeit(lambda: o.hvp(p, v), reps, sync)
+            print(f"  {mode:5s} {c:6d} {t * 1e3:10.1f} {len(x) / t:10.0f}   (rel. diff to rev/{chunks[0]}: {err:.1e})")
+    t0 = time.perf_counter()
+    ch = measure(obj, p)
+    sync()
+    print(f"  auto: {ch['hvp']} chunk {ch['chunk']} ({ch['samples_per_s']:.0f} samples/s on one chunk;"
+          f" timing took {time.perf_counter() - t0:.2f} s)")
+    print("    " + ", ".join(f"{k} {r:.0f}/s" for k, r in ch["rates"].items()))
+    # gradient: torch.func.grad (loss_grad) against torch.autograd.grad on the same batches
+    q0 = p.clone().requires_grad_(True)
+
+    def autograd_grad():
+        g = torch.zeros_like(p)
+        for s, e in obj.batches:
+            g.add_(torch.autograd.grad(obj._batch_loss(q0, s, e), q0)[0], alpha=obj._w(s, e))
+        return g
+
+    t_func = timeit(lambda: obj.loss_grad(p), reps, sync)
+    t_auto = timeit(autograd_grad, reps, sync)
+    print(f"  gradient: torch.func.grad {t_func * 1e3:.1f} ms, torch.autograd.grad {t_auto * 1e3:.1f} ms")
+    if x.dim() == 4:
+        mcl = model.to(memory_format=torch.channels_last)
+        xcl = x.contiguous(memory_format=torch.channels_last)
+        ocl, pcl = Objective.from_model(mcl, xcl, y, bn="eval", hvp=ch["hvp"], chunk=ch["chunk"])
+        ocl.model = ocl.model.to(memory_format=torch.channels_last)
+        ob, _ = Objective.from_model(model.to(memory_format=torch.contiguous_format), x, y, bn="eval", hvp=ch["hvp"],
+                                     chunk=ch["chunk"])
+        t_cl = timeit(lambda: ocl.hvp(pcl, v), reps, sync)
+        t_cf = timeit(lambda: ob.hvp(p, v), reps, sync)
+        err = float((ocl.hvp(pcl, v) - ob.hvp(p, v)).norm() / ob.hvp(p, v).norm())
+        print(f"  channels-last ({ch['hvp']}, chunk {ch['chunk']}): {t_cl * 1e3:.1f} ms vs contiguous {t_cf * 1e3:.1f} ms"
+              f" = {t_cf / t_cl:.2f}x (rel. diff {err:.1e})")
+
+
+def bench_one_run(device, quick):
+    """sharpness + hessian_top in one analyze() run against each alone: HVPs and seconds."""
+    import os
+    import tempfile
+
+    from trajectory import Recorder
+    from trajectory.analysis import analyze
+    from trajectory.specs import Spec
+
+    tmp = tempfile.mkdtemp(prefix="bench_curv_")
+    path = os.path.join(tmp, "cnn_bn.h5")
+    torch.manual_seed(0)
+    mspec = Spec("trajectory.zoo.models:cnn_bn", {"width": 8})
+    dspec = Spec("trajectory.zoo.data:mnist1d", {"num_samples": 1000})
+    model = mspec.build()
+    x, y = dspec.build(split="train").tensors
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(0)
+    pairs = 2 if quick else 4
+    with Recorder(path, model, optimizer=opt, model_spec=mspec, data_spec=dspec) as rec:
+        for _ in range(pairs):
+            idx = torch.randint(0, len(x), (32,), generator=g)
+            model.train()
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.record(batch_indices=idx, loss=loss.detach())
+    count = [0]
+    orig = Objective.hvp_many
+
+    def counted(self, p, V):
+        count[0] += V.shape[0]
+        return orig(self, p, V)
+
+    Objective.hvp_many = counted
+    opts = {"iters": 40 if quick else 100, "ascent_steps": 2, "noise_draws": 2}
+    print(f"\nsharpness + hessian_top, zoo cnn_bn width 8 ({sum(q.numel() for q in model.parameters()):,} parameters),"
+          f" {pairs} pairs, eval subset:256, bn eval, {device}")
+    print(f"  {'metrics':28s} {'HVPs':>6s} {'seconds':>8s}")
+    res = {}
+    try:
+        for label, metrics in (("hessian_top", ["hessian_top"]), ("sharpness", ["sharpness"]),
+                               ("hessian_top + sharpness", ["hessian_top", "sharpness"])):
+            count[0] = 0
+            known = {k for m in metrics for k in __import__("trajectory.analysis.metric", fromlist=["get_metric"]).get_metric(m).defaults}
+            # time the curvature only: floor (a dependency of both) is computed into the file first
+            out = os.path.join(tmp, label.replace(" + ", "_") + ".h5")
+            analyze(path, out, metrics=["floor"], eval="subset:256", bn="eval", device=device)
+            t = time.perf_counter()
+            analyze(path, out, metrics=metrics, eval="subset:256", bn="eval", device=device,
+                    options={k: v for k, v in opts.items() if k in known})
+            res[label] = (count[0], time.perf_counter() - t)
+            print(f"  {label:28s} {count[0]:6d} {res[label][1]:8.2f}")
+    finally:
+        Objective.hvp_many = orig
+    sep = res["hessian_top"][0] + res["sharpness"][0]
+    both = res["hessian_top + sharpness"][0]
+    print(f"  separate runs: {sep} HVPs; one run: {both} HVPs ({'one Lanczos per pair' if both == res['hessian_top'][0] else 'NOT shared'})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--quick", action="store_true", help="smaller data and fewer repetitions")
-    ap.add_argument("--skip-cnn", action="store_true")
+    ap.add_argument("--skip-cnn", action="store_true", help="skip the 1.5 M-parameter CNN of the HVP-vs-naive table")
+    ap.add_argument("--skip-conv", action="store_true", help="skip the rev/fwd/auto table on cnn_bn and preact_resnet20")
+    ap.add_argument("--skip-one-run", action="store_true", help="skip sharpness + hessian_top in one run vs two")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -120,6 +248,17 @@ def main():
         xc, yc = ds.tensors
         bench("CNN width 128 (CIFAR-shaped)", cnn(in_channels=3, input_dim=2, width=128), xc.float(), yc,
               256 if big else 32, device, max(1, reps // 2) if not big else reps, 60 if big else (10 if args.quick else 80))
+    if not args.skip_conv:
+        big = device.type == "cuda"
+        n1 = 4000 if big else (256 if args.quick else 1000)
+        bench_conv("zoo cnn_bn (MNIST-1D, 1 x 40)", cnn_bn(), x[:n1].float(), y[:n1], device, reps,
+                   [c for c in (64, 256, 1024, 4000) if c <= n1])
+        ds = synthetic(split="train", num_samples=1024 if big else (32 if args.quick else 128))
+        xc, yc = ds.tensors
+        bench_conv("zoo preact_resnet20 (synthetic 3 x 32 x 32)", preact_resnet20(), xc.float(), yc, device,
+                   max(1, reps // 2), [c for c in (16, 64, 256, 1024) if c <= len(xc)])
+    if not args.skip_one_run:
+        bench_one_run(device, args.quick)
 
 
 if __name__ == "__main__":
