@@ -21,6 +21,10 @@ Curvature. ``curvature_split="pairs"`` (default) gives each rank whole curvature
 ranks and each Hessian-vector product, gradient and loss is all-reduced (:meth:`Objective.shard`), so a
 single large model's top eigenvalue uses every GPU; rank 0 keeps the rows.
 
+Shape in code: :class:`TorchrunRunner` implements the runner interface of :mod:`.run` (``open`` the store,
+``run`` a job, ``close``) like :class:`~trajectory.analysis.run.LocalRunner`, calling
+:func:`~trajectory.analysis.run.run_blocks` once per level; partial-file helpers live in :mod:`.partials`.
+
 Backends: NCCL when CUDA is available, gloo otherwise (collectives of Python objects go through the
 default group; with NCCL, tensors live on ``cuda:LOCAL_RANK``).
 """
