@@ -110,6 +110,20 @@ def _main_module_warning(model: torch.nn.Module) -> None:
     )
 
 
+def _with_sampler_batch_size(metadata: Mapping[str, Any] | None, indices: Any) -> dict[str, Any]:
+    """The user's metadata plus ``batch_size`` read from the RecordingBatchSampler, unless the user set it.
+
+    Reports label runs by their hyperparameters; an own training loop records no ``sgdwalk train`` metadata,
+    but its batch sampler knows the batch size.
+    """
+    out = dict(metadata or {})
+    if "batch_size" not in out and indices is not None:
+        bs = getattr(getattr(indices, "batch_sampler", None), "batch_size", None)
+        if isinstance(bs, int) and not isinstance(bs, bool) and bs > 0:
+            out["batch_size"] = bs
+    return out
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.tolist()
@@ -240,7 +254,7 @@ class Recorder:
             "data_spec": _spec_json(data_spec),
             "seed": -1 if seed is None else int(seed),
             "schedule": self.schedule.to_dict(),
-            "metadata": _jsonable(dict(metadata or {})),
+            "metadata": _jsonable(_with_sampler_batch_size(metadata, indices)),
             "optimizer": optimizer_info(optimizer) if optimizer is not None else "",
         }
         self._writer = ArchiveWriter(self.path, self.layout, mode=mode, codec=codec, attrs=attrs, chunk_rows=chunk_rows, locking=locking)

@@ -81,11 +81,28 @@ def _first(*values: Any) -> Any:
     return None
 
 
+def _seed(value: Any) -> Any:
+    """The recorded seed; -1 (the recorder's "no seed given") and non-integers are not a seed."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or int(value) < 0:
+        return None
+    return int(value)
+
+
+def _class_name(value: Any) -> str | None:
+    """``SmallCNN`` from ``train_own.SmallCNN``: what an own-loop archive without a model spec recorded."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    return value.rsplit(".", 1)[-1]
+
+
 def hyperparameters(provenance: Mapping[str, Any], geometry_lr: np.ndarray | None = None) -> dict[str, Any]:
     """The run's hyperparameters (keys of :data:`HYPERPARAMETERS`, those known) from its provenance.
 
-    ``metadata`` (written by ``sgdwalk train`` or a user's ``Recorder(metadata=...)``) wins over the recorded
-    optimizer's settings; the learning rate falls back to the first finite recorded ``lr`` of the geometry table.
+    ``metadata`` (written by ``sgdwalk train`` or a user's ``Recorder(metadata=...)``; the Recorder adds
+    ``batch_size`` from its RecordingBatchSampler) wins over the recorded optimizer's settings; the learning rate
+    falls back to the first finite recorded ``lr`` of the geometry table. Archives of an own training loop show
+    what they recorded: no ``seed`` when none was given (stored as -1), the model class when there is no model
+    spec, no ``data`` when there is no data spec.
     """
     meta = provenance.get("metadata") if isinstance(provenance.get("metadata"), Mapping) else {}
     opt = provenance.get("optimizer") if isinstance(provenance.get("optimizer"), Mapping) else {}
@@ -105,9 +122,9 @@ def hyperparameters(provenance: Mapping[str, Any], geometry_lr: np.ndarray | Non
         "weight_decay": _first(meta.get("weight_decay"), group0.get("weight_decay"), defaults.get("weight_decay")),
         "lr_drop": drop if drop else None,
         "steps": meta.get("steps"),
-        "seed": provenance.get("seed"),
-        "model": _spec_text(provenance.get("model_spec")),
-        "data": _spec_text(provenance.get("data_spec")),
+        "seed": _seed(provenance.get("seed")),
+        "model": _spec_text(provenance.get("model_spec")) or _class_name(provenance.get("model_class")),
+        "data": _spec_text(provenance.get("data_spec")) or None,
     }
     return {k: v for k, v in out.items() if v is not None}
 
