@@ -27,7 +27,7 @@ from .codecs import Codec, bits_to_values, get_codec
 from .layout import BUFFERS, BUFFERS_INT, PARAMS, ROW_DATASETS, Layout
 from .layout import FLOAT_DTYPE_NAMES, LAYOUT_DTYPE, LAYOUT_DTYPE_NAMES
 from .safety import open_h5_readonly, refuse_foreign_storage
-from ..textsafe import safe
+from ..textsafe import MAX_JSON_CHARS, load_json, safe
 
 __all__ = ["Trajectory", "Pair"]
 
@@ -72,11 +72,11 @@ class _RowReader:
     row), and the decoded block answers every later read of its rows from memory.
     """
 
-    def __init__(self, dset: h5py.Dataset, path: str, cache_bytes: int = DEFAULT_CACHE_BYTES):
+    def __init__(self, dset: h5py.Dataset, path: str, logical: np.dtype, cache_bytes: int = DEFAULT_CACHE_BYTES):
         self.dset = dset
         self.path = path
         self.name = dset.name.lstrip("/")
-        self.logical = np.dtype(dset.attrs.get("logical_dtype", str(dset.dtype)))
+        self.logical = np.dtype(logical)  # from the layout table; the dataset's attribute must agree (validated)
         self.transform = str(dset.attrs.get("transform", "none"))
         self.chunk_rows = dset.chunks[0] if dset.chunks else 1
         self._block_codec = Codec("", self.transform, "none")
@@ -196,11 +196,15 @@ class Trajectory:
         self._file = open_h5_readonly(self.path, locking=locking)
         try:
             refuse_foreign_storage(self._file, self.path)
+            self._attrs = self._decode_attrs()  # read once, now: damaged attribute storage fails here, in one line
             self._validate()
             self.layout = self._read_layout()
             self.codec = get_codec(str(self._file.attrs["codec"]))
             self._check_rows()
-            self._rows = {d: _RowReader(self._file[d], self.path, cache_bytes) for d in ROW_DATASETS if d in self._file}
+            self._rows = {
+                d: _RowReader(self._file[d], self.path, self.layout.storage_dtype(d), cache_bytes)
+                for d in ROW_DATASETS if d in self._file
+            }
             self._load_meta()
         except SgdwalkError:
             self._file.close()
@@ -448,32 +452,35 @@ class Trajectory:
     @property
     def uuid(self) -> str | None:
         """The archive's random ``archive_uuid`` (None for archives written before UUIDs)."""
-        v = self._file.attrs.get(fmt.ARCHIVE_UUID)
+        v = self._attrs.get(fmt.ARCHIVE_UUID)
         if isinstance(v, bytes):
             v = v.decode(errors="replace")
         return str(v) if v else None
 
     @property
     def lossy(self) -> bool:
-        return bool(self._file.attrs.get("lossy", False))
+        return bool(self._attrs.get("lossy", False))
 
     @property
     def closed_cleanly(self) -> bool:
         """False while a writer is still running or after it was killed; records up to its last flush are valid."""
-        return bool(self._file.attrs.get("closed_cleanly", False))
+        return bool(self._attrs.get("closed_cleanly", False))
 
     @property
     def attrs(self) -> dict[str, Any]:
-        """Provenance attributes, with JSON-encoded ones decoded."""
+        """Provenance attributes, with JSON-encoded ones decoded (read when the archive was opened)."""
+        return dict(self._attrs)
+
+    def _decode_attrs(self) -> dict[str, Any]:
         out = {}
         for k, v in self._file.attrs.items():
             if isinstance(v, bytes):
-                v = v.decode()
+                v = v.decode(errors="replace")
             if isinstance(v, np.generic):
                 v = v.item()
-            if isinstance(v, str) and v[:1] in "{[":
+            if isinstance(v, str) and v[:1] in "{[" and len(v) <= MAX_JSON_CHARS:
                 try:
-                    v = json.loads(v)
+                    v = load_json(v, f"attribute {k}")
                 except ValueError:
                     pass
             out[k] = v
