@@ -18,13 +18,11 @@ from ..textsafe import safe
 from .errors import AnalysisError
 
 __all__ = ["parse_alphas", "parse_steps", "parse_spans", "EvalSpec", "parse_eval", "select_pairs", "pair_spans", "UPDATES",
-           "BN_POLICIES", "DTYPES", "LOSSES", "STRATEGIES", "parse_flush_seconds", "MAX_ALPHAS"]
+           "BN_POLICIES", "DTYPES", "LOSSES", "parse_flush_seconds", "MAX_ALPHAS"]
 
 BN_POLICIES = ("train", "eval", "recompute")
 DTYPES = ("float32", "float64")
 LOSSES = ("cross_entropy", "mse")
-#: evaluation strategies (``--strategy``): ``auto`` lets the evaluator measure the others on the run's data
-STRATEGIES = ("auto", "vmap", "loop", "mlp")
 
 #: Limits checked before anything is allocated (docs/cli.md, "Limits"): an option string longer than
 #: MAX_OPTION_CHARS, an --alphas grid of more than MAX_ALPHAS points, more than MAX_SPANS spans or a span above
