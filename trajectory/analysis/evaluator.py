@@ -25,52 +25,26 @@ BatchNorm policy (applied the same way for every metric; models without BatchNor
 from __future__ import annotations
 
 import copy
-import math
-from typing import Sequence
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..archive.layout import BUFFERS, BUFFERS_INT, PARAMS, Layout
+from .bn_groups import GroupedBatchNorm, group_sizes
 from .errors import AnalysisError
+from .first_layer import FirstLayer, SharedLines, find_first_layer, swap_forward
+from .replay_strategies import STRATEGIES, Strategy, make_strategy, mlp_plan
 
 __all__ = ["Evaluator", "has_batchnorm"]
 
 
 def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, _BatchNorm) for m in model.modules())
-
-
-def _mlp_plan(model: nn.Module, layout: Layout) -> list | None:
-    """If ``model`` is a Sequential of Flatten/Linear/ReLU, the list of ops for the bmm fast path."""
-    if not isinstance(model, nn.Sequential):
-        return None
-    plan = []
-    for name, m in model.named_children():
-        if isinstance(m, nn.Flatten):
-            if m.start_dim != 1 or m.end_dim != -1:
-                return None
-            plan.append(("flatten",))
-        elif isinstance(m, nn.Linear):
-            wname, bname = f"{name}.weight", f"{name}.bias"
-            if wname not in layout or layout[wname].dataset != PARAMS:
-                return None
-            has_b = m.bias is not None
-            if has_b and (bname not in layout or layout[bname].dataset != PARAMS):
-                return None
-            plan.append(("linear", wname, bname if has_b else None))
-        elif isinstance(m, nn.ReLU):
-            plan.append(("relu",))
-        elif isinstance(m, (nn.Identity, nn.Dropout)):
-            continue  # dropout is off in evaluation
-        else:
-            return None
-    if not any(p[0] == "linear" for p in plan) or plan[-1][0] != "linear":
-        return None
-    return plan
 
 
 class Evaluator:
@@ -90,7 +64,11 @@ class Evaluator:
     max_elems : elements of the widest activation of one pass (points x samples x width); bounds memory
         and keeps a CPU pass in cache (default 2**20 on CPU, 2**26 on GPUs).
     max_points : most states evaluated in one pass (default: max(32, max_elems / (512 · widest activation))).
-    fast_path : allow the bmm route for plain MLPs.
+    fast_path : allow the bmm route ('mlp' strategy) for plain MLPs.
+    strategy : 'auto' (timed calibration picks one, see :meth:`calibrate`) or a name from
+        :data:`~trajectory.analysis.replay_strategies.STRATEGIES` to force it.
+    share_first : share the affine first layer along lines: None (calibration decides), True (whenever the
+        model has a shareable first layer), False (never).
     """
 
     def __init__(
@@ -107,6 +85,8 @@ class Evaluator:
         max_elems: int | None = None,
         max_points: int | None = None,
         fast_path: bool = True,
+        strategy: str = "auto",
+        share_first: bool | None = None,
     ):
         self.device = torch.device(device)
         self.dtype = dtype
@@ -147,10 +127,29 @@ class Evaluator:
         self.recompute_batches = [b.to(self.device, dtype) if b.is_floating_point() else b.to(self.device) for b in recompute_batches]
         if self.has_bn and bn == "recompute" and not self.recompute_batches:
             raise AnalysisError("--bn recompute needs training batches to re-estimate statistics")
-        self._plan = _mlp_plan(m, layout) if fast_path else None
+        self._plan = mlp_plan(m, layout) if fast_path else None
         self._act_per_sample: float | None = None
         self.points_evaluated = 0  # counts model evaluations at a point over a whole data set
         self.flops_per_sample = self._linear_flops() if self._plan else None
+
+        self.strategy_request = strategy
+        if strategy != "auto" and strategy not in STRATEGIES:
+            raise AnalysisError(f"unknown evaluation strategy {strategy!r}; choose auto or one of {', '.join(STRATEGIES)}")
+        if strategy == "mlp" and (self._plan is None or self.has_bn):
+            raise AnalysisError("evaluation strategy 'mlp' needs a plain Flatten/Linear/ReLU model without BatchNorm")
+        self.share_first = share_first
+        #: The calibrated evaluation strategy (JSON-able; None until :meth:`calibrate` or the first evaluate()).
+        self.strategy: dict | None = None
+        #: Called after every forward chunk with the number of (points x samples) evaluated (progress).
+        self.on_samples: Callable[[int], None] | None = None
+        self._calibrations: dict[tuple, tuple[dict, Strategy, bool]] = {}
+        self._strat: Strategy | None = None
+        self._share = False
+        self._first: FirstLayer | None = None
+        self._first_probed = False
+        self._first_holder: list = [None]
+        self._grouped = GroupedBatchNorm(self._bn_modules)
+        self._has_conv2d = any(isinstance(mod, nn.Conv2d) for mod in m.modules())
 
     # ------------------------------------------------------------------ helpers
     def _linear_flops(self) -> int:
@@ -165,6 +164,14 @@ class Evaluator:
                 v = v.clone()
             out[name] = v.reshape(k, *shape)
         return out
+
+    def _template_state(self) -> torch.Tensor:
+        """The template model's state as one state vector (calibration input)."""
+        sd = self.model.state_dict()
+        vec = torch.zeros(self.n_state, device=self.device, dtype=self.dtype)
+        for name, start, stop, _shape in self._views:
+            vec[start:stop] = sd[name].reshape(-1).to(self.dtype)
+        return vec
 
     def _probe(self, x: torch.Tensor) -> float:
         """Widest activation per sample and point (largest leaf-module output)."""
@@ -188,6 +195,22 @@ class Evaluator:
         self._act_per_sample = max(1.0, total[0] / max(1, len(xs)), float(x[0].numel()))
         return self._act_per_sample
 
+    def _first_layer(self, x: torch.Tensor) -> FirstLayer | None:
+        if not self._first_probed:
+            self._first = find_first_layer(self.model, self._views, self.n_params, self._int_buffers, x)
+            self._first_probed = True
+        return self._first
+
+    @contextmanager
+    def _first_swapped(self) -> Iterator[None]:
+        """While active, the shared first layer returns ``_first_holder[0]`` instead of computing."""
+        undo = swap_forward(self._first.module, self._first_holder)
+        try:
+            yield
+        finally:
+            undo()
+            self._first_holder[0] = None
+
     def _per_sample(self, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-sample loss (K, n) in float64 and per-sample correctness (K, n) or None."""
         if self.loss == "cross_entropy":
@@ -206,86 +229,115 @@ class Evaluator:
         diff = (out.reshape(out.shape[0], out.shape[1], -1) - yy.reshape(1, out.shape[1], -1)).to(torch.float64)
         return diff.pow(2).mean(-1), None
 
-    def _forward(self, states_or_dict, x: torch.Tensor, kb: int) -> torch.Tensor:
-        """Outputs (K, n, ...) for K batched state dicts at the inputs x (shared)."""
-        if self._plan is not None and not (self.has_bn):
-            return self._forward_mlp(states_or_dict, x, kb)
-        sd = states_or_dict
-        ints = self._int_buffers
-        model = self.model
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
-        def f(p):
-            return functional_call(model, (p, ints), (x,))
-
-        return vmap(f)(sd)
-
-    def _first_layer_lines(self, lines):
-        """Weights of the first Linear layer at the lines' ends: (Wa, ba, Wd, bd, inverse index, t)."""
-        ops = [p for p in self._plan if p[0] != "flatten"]
-        if not ops or ops[0][0] != "linear":
-            return None
-        _, wname, bname = ops[0]
-        A, B, owner, t = lines
-        uniq, inv = torch.unique(owner, return_inverse=True)
-        if 3 * len(uniq) > len(owner):  # fewer than 3 points per line: two products per line do not pay
-            return None
-        # runs of consecutive points on the same line (evaluate_lines keeps a line's points together)
-        change = torch.nonzero(inv[1:] != inv[:-1]).flatten().tolist()
-        starts = [0] + [c + 1 for c in change]
-        stops = [c + 1 for c in change] + [len(inv)]
-        runs = [(a, b, int(inv[a])) for a, b in zip(starts, stops)]
-        la = A[uniq].to(self.device, self.dtype)
-        lb = B[uniq].to(self.device, self.dtype)
-        we = self.layout[wname]
-        u = la.shape[0]
-        wa = la[:, we.offset : we.stop].view(u, *we.shape)
-        wd = (lb[:, we.offset : we.stop] - la[:, we.offset : we.stop]).view(u, *we.shape)
-        if bname is not None:
-            be = self.layout[bname]
-            ba = la[:, be.offset : be.stop].view(u, 1, -1)
-            bd = (lb[:, be.offset : be.stop] - la[:, be.offset : be.stop]).view(u, 1, -1)
+    # ------------------------------------------------------------------ calibration
+    def _candidates(self, x: torch.Tensor) -> list[tuple[str, bool]]:
+        """(strategy name, share the first layer) pairs worth timing for this model and data."""
+        if self.strategy_request != "auto":
+            names = [self.strategy_request]
         else:
-            ba = bd = None
-        return wa, ba, wd, bd, runs, t.view(-1, 1, 1)
-
-    def _forward_mlp(self, states: torch.Tensor, x: torch.Tensor, kb: int, first=None) -> torch.Tensor:
-        h = x
-        n = x.shape[0]
-        batched = False
-        for op in self._plan:
-            if op[0] == "linear" and not batched and first is not None:
-                wa, ba, wd, bd, runs, t = first
-                u = wa.shape[0]
-                xe = h.reshape(n, -1).unsqueeze(0).expand(u, n, wa.shape[2])
-                base = torch.bmm(xe, wa.transpose(1, 2)) if ba is None else torch.baddbmm(ba, xe, wa.transpose(1, 2))
-                delta = torch.bmm(xe, wd.transpose(1, 2)) if bd is None else torch.baddbmm(bd, xe, wd.transpose(1, 2))
-                width = base.shape[2]
-                if len(runs) == 1:
-                    h = torch.addcmul(base.expand(kb, n, width), t, delta.expand(kb, n, width))
-                else:
-                    h = torch.empty(kb, n, width, dtype=base.dtype, device=base.device)
-                    for a, b, li in runs:
-                        torch.addcmul(base[li].expand(b - a, n, width), t[a:b], delta[li].expand(b - a, n, width), out=h[a:b])
-                batched = True
+            names = []
+            if self._plan is not None and not self.has_bn:
+                names.append("mlp")
+            names += ["vmap", "loop"]
+            if self._has_conv2d and x.dim() == 4:
+                names.append("loop_cl")
+        first = self._first_layer(x)
+        out = []
+        for name in names:
+            if name == "mlp":
+                out.append((name, False))  # shares the first layer itself, from the lines' weights
                 continue
-            if op[0] == "flatten":
-                h = h.reshape(h.shape[0], -1) if not batched else h.reshape(h.shape[0], h.shape[1], -1)
-            elif op[0] == "relu":
-                h = h.relu_() if batched else torch.relu(h)
-            else:
-                we = self.layout[op[1]]
-                w = states[:, we.offset : we.stop].view(kb, *we.shape)  # (K, out, in)
-                if not batched:
-                    h2 = h.reshape(n, -1)
-                    h = h2.unsqueeze(0).expand(kb, n, h2.shape[1])
-                    batched = True
-                if op[2] is not None:
-                    be = self.layout[op[2]]
-                    b = states[:, be.offset : be.stop].view(kb, 1, be.shape[0])
-                    h = torch.baddbmm(b, h, w.transpose(1, 2))
-                else:
-                    h = torch.bmm(h, w.transpose(1, 2))
-        return h
+            shares = [False, True] if (first is not None and self.share_first is None) else [bool(first is not None and self.share_first)]
+            out += [(name, s) for s in shares]
+        return out
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor, y: torch.Tensor, bn_batch: int | None = None) -> dict:
+        """Choose the evaluation strategy by timing each candidate on a slice of (x, y); cached per data shape.
+
+        Every candidate computes the same values (to float rounding), so the choice changes speed only. Each is
+        timed on a few points of one line (so the shared first layer is exercised) over the first samples of the
+        data, best of two runs after a warm-up; the fastest wins. Returns :attr:`strategy`: ``{"name", "rate"
+        (sample-forwards per second: one sample through the model at one point = 1), "candidates" {label: rate},
+        "device", "first_layer_shared", "points", "samples", "seconds"}``.
+        """
+        bnb = int(bn_batch or self.bn_batch)
+        key = (tuple(x.shape), str(x.dtype), bnb)
+        if key in self._calibrations:
+            self.strategy, self._strat, self._share = self._calibrations[key]
+            return self.strategy
+        t_start = time.perf_counter()
+        n = x.shape[0]
+        if n == 0:
+            raise AnalysisError("the evaluation data is empty")
+        cands = self._candidates(x)
+        act = self._probe(x)
+        kcal = 6
+        base = self._template_state()
+        states = base.unsqueeze(0).expand(kcal, -1).contiguous()
+        lines = (base.unsqueeze(0), base.unsqueeze(0), torch.zeros(kcal, dtype=torch.long),
+                 torch.linspace(0.0, 1.0, kcal, dtype=torch.float64))
+        policy = self.bn_policy if self.has_bn else "eval"
+        unit = min(n, max(2, bnb) if policy == "train" else 16)
+        saved_cb, saved_pts = self.on_samples, self.points_evaluated
+        self.on_samples = None
+        rates: dict[str, float] = {}
+        chosen: tuple[float, str, bool] | None = None
+        m = None
+        try:
+            for name, share in cands:
+                label = name + ("+shared" if share else "")
+                strat = make_strategy(name)
+                try:
+                    self._strat, self._share = strat, share
+                    self._sync()
+                    t = time.perf_counter()
+                    self._evaluate_all(states[:2], x[:unit], y[:unit], bnb, _slice_lines(lines, 2), act)
+                    self._sync()
+                    warm = time.perf_counter() - t
+                    if m is None:  # size the timed runs from the first warm-up: about 0.1 s each
+                        per = warm / (2 * unit)
+                        m = int(min(n, 1024, max(unit, 0.1 / max(per * kcal, 1e-9))))
+                        if policy == "train":
+                            m = max(unit, m - m % max(2, bnb)) if m < n else m
+                    best = float("inf")
+                    for _ in range(2):
+                        self._sync()
+                        t = time.perf_counter()
+                        self._evaluate_all(states, x[:m], y[:m], bnb, lines, act)
+                        self._sync()
+                        best = min(best, time.perf_counter() - t)
+                    rate = kcal * m / max(best, 1e-12)
+                except Exception:  # noqa: BLE001 - a strategy the model does not support (e.g. no batching rule)
+                    if len(cands) == 1:
+                        raise
+                    rate = 0.0
+                rates[label] = rate
+                if rate > 0 and (chosen is None or rate > chosen[0]):
+                    chosen = (rate, name, share)
+        finally:
+            self.on_samples, self.points_evaluated = saved_cb, saved_pts
+        if chosen is None:  # pragma: no cover - the loop strategy runs whatever the model
+            raise AnalysisError("no evaluation strategy could run this model")
+        rate, name, share = chosen
+        info = {
+            "name": name + ("+shared" if share else ""),
+            "rate": float(rate),
+            "candidates": {k: float(v) for k, v in rates.items()},
+            "device": str(self.device),
+            "first_layer_shared": bool(share or (name == "mlp" and [p for p in self._plan if p[0] != "flatten"][0][0] == "linear")),
+            "points": kcal,
+            "samples": int(m or 0),
+            "seconds": time.perf_counter() - t_start,
+        }
+        self._strat, self._share = make_strategy(name), share
+        self.strategy = info
+        self._calibrations[key] = (info, self._strat, share)
+        return info
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -296,20 +348,33 @@ class Evaluator:
         ``bn_batch`` overrides the BatchNorm batch size of the 'train' policy for this call (the
         engine passes the minibatch size for ``--eval minibatch``, so BN sees exactly that batch).
         ``lines = (A, B, owner, t)`` optionally tells that ``states[k] = A[owner[k]] + t[k]·(B − A)[owner[k]]``;
-        the MLP path then computes the first layer once per line (it is affine in the weights:
-        W(t)x = W_A x + t·(W_B − W_A)x) instead of once per point.
+        the shared first layer is then computed once per line end (it is affine in the weights:
+        W(t)x = W_A x + t·(W_B − W_A)x) instead of once per point. The strategy is calibrated on first use.
         """
         if states.dim() != 2 or states.shape[1] != self.n_state:
             raise AnalysisError(f"state vectors must be (K, {self.n_state}), got {tuple(states.shape)}")
+        if x.shape[0] == 0:
+            raise AnalysisError("the evaluation data is empty")
+        bnb = int(bn_batch or self.bn_batch)
+        self.calibrate(x, y, bnb)
         states = states.to(self.device, self.dtype)
+        loss_sum, corr_sum = self._evaluate_all(states, x, y, bnb, lines, self._probe(x))
         k_all = states.shape[0]
         n = x.shape[0]
-        if n == 0:
-            raise AnalysisError("the evaluation data is empty")
+        self.points_evaluated += k_all
+        acc = corr_sum / n if self.loss == "cross_entropy" else np.full(k_all, np.nan)
+        return loss_sum / n, acc
+
+    def _evaluate_all(self, states, x, y, bnb: int, lines, act: float) -> tuple[np.ndarray, np.ndarray]:
+        """Summed loss and correctness (K,) over (x, y), in passes of whole lines."""
+        strat = self._strat
+        k_all = states.shape[0]
         loss_sum = np.zeros(k_all)
         corr_sum = np.zeros(k_all)
-        act = self._probe(x)
-        mp = self.max_points if self.max_points is not None else max(32, int(self.max_elems // (512 * act)))
+        if strat.per_point:
+            mp = self.max_points if self.max_points is not None else 64
+        else:
+            mp = self.max_points if self.max_points is not None else max(32, int(self.max_elems // (512 * act)))
         kc_max = max(1, min(mp, k_all))
         owner = lines[2] if lines is not None else None
         k0 = 0
@@ -322,89 +387,102 @@ class Evaluator:
                     cut -= 1
                 if cut > k0:
                     k1 = cut
-            st = states[k0:k1]
-            kb = k1 - k0
             sub = None
             if lines is not None:
                 sub = (lines[0], lines[1], lines[2][k0:k1].to(self.device), lines[3][k0:k1].to(self.device, self.dtype))
-            ls, cs = self._evaluate_chunk(st, x, y, act, bn_batch or self.bn_batch, sub)
+            ls, cs = self._evaluate_pass(states[k0:k1], x, y, act, bnb, sub)
             loss_sum[k0:k1] = ls
             corr_sum[k0:k1] = cs
             k0 = k1
-        self.points_evaluated += k_all
-        acc = corr_sum / n if self.loss == "cross_entropy" else np.full(k_all, np.nan)
-        return loss_sum / n, acc
+        return loss_sum, corr_sum
 
-    def _data_chunks(self, n: int, kb: int, act: float) -> list[tuple[int, int]]:
-        nc = max(1, int(self.max_elems // max(1.0, kb * act)))
-        nc = min(n, max(nc, 16))
-        return [(s, min(n, s + nc)) for s in range(0, n, nc)]
+    def _samples_per_forward(self, kb: int, act: float) -> int:
+        """Samples of one model call: the activation budget for one point (per-point strategies) or for kb."""
+        if self._strat.per_point:
+            budget = 4 * self.max_elems if self.device.type == "cpu" else self.max_elems
+            return max(16, int(budget // act))
+        return max(16, int(self.max_elems // max(1.0, kb * act)))
 
-    def _evaluate_chunk(self, st: torch.Tensor, x, y, act, bn_batch: int, lines=None) -> tuple[np.ndarray, np.ndarray]:
+    def _chunks(self, n: int, size: int, groups: list[int] | None) -> list[tuple[int, int, list[int] | None]]:
+        """(start, stop, group sizes) of the data chunks; chunks hold whole BatchNorm groups when grouped."""
+        if groups is None:
+            return [(s, min(n, s + size), None) for s in range(0, n, size)]
+        out, s, cur = [], 0, []
+        for g in groups:
+            cur.append(g)
+            if sum(cur) >= size:
+                out.append((s, s + sum(cur), cur))
+                s += sum(cur)
+                cur = []
+        if cur:
+            out.append((s, s + sum(cur), cur))
+        return out
+
+    def _evaluate_pass(self, st: torch.Tensor, x, y, act, bn_batch: int, lines=None) -> tuple[np.ndarray, np.ndarray]:
+        strat = self._strat
         kb = st.shape[0]
         n = x.shape[0]
         loss_sum = torch.zeros(kb, dtype=torch.float64, device=self.device)
         corr_sum = torch.zeros(kb, dtype=torch.float64, device=self.device)
         policy = self.bn_policy if self.has_bn else "eval"
-        if policy == "eval":
-            self.model.eval()
-            fast = self._plan is not None and not self.has_bn
-            arg = st if fast else self._batched_state(st)
-            first = self._first_layer_lines(lines) if (fast and lines is not None) else None
-            for s, e in self._data_chunks(n, kb, act):
-                out = self._forward_mlp(st, x[s:e], kb, first) if fast else self._forward(arg, x[s:e], kb)
-                l, c = self._per_sample(out, y[s:e])
-                loss_sum += l.sum(1)
-                if c is not None:
-                    corr_sum += c.sum(1)
-        elif policy == "train":
-            # batch statistics of each evaluation batch; the running-stat updates land in a clone
-            sd = self._batched_state(st, clone_buffers=True)
-            nb = max(1, math.ceil(n / max(2, bn_batch)))
-            if n // nb < 2:
-                nb = max(1, n // 2)
-            self._set_bn_train(True)
-            try:
-                for idx in torch.tensor_split(torch.arange(n, device=self.device), nb):
-                    s, e = int(idx[0]), int(idx[-1]) + 1
-                    out = self._forward(sd, x[s:e], kb)
-                    l, c = self._per_sample(out, y[s:e])
-                    loss_sum += l.sum(1)
-                    if c is not None:
-                        corr_sum += c.sum(1)
-            finally:
-                self._set_bn_train(False)
-        elif policy == "recompute":
-            sd = self._batched_state(st, clone_buffers=True)
-            for name in self._bn_stat_names:
-                if name.endswith("running_mean"):
-                    sd[name].zero_()
-                else:
-                    sd[name].fill_(1.0)
-            momenta = [mod.momentum for mod in self._bn_modules]
-            self._set_bn_train(True)
-            try:
-                for j, xb in enumerate(self.recompute_batches):
-                    for mod in self._bn_modules:
-                        mod.momentum = 1.0 / (j + 1)
-                    self._forward(sd, xb, kb)
-            finally:
-                self._set_bn_train(False)
-                for mod, mom in zip(self._bn_modules, momenta):
-                    mod.momentum = mom
-            self.model.eval()
-            for s, e in self._data_chunks(n, kb, act):
-                out = self._forward(sd, x[s:e], kb)
-                l, c = self._per_sample(out, y[s:e])
-                loss_sum += l.sum(1)
-                if c is not None:
-                    corr_sum += c.sum(1)
-        else:  # pragma: no cover - validated earlier
+        if policy not in ("eval", "train", "recompute"):  # pragma: no cover - validated earlier
             raise AnalysisError(f"unknown BatchNorm policy {policy!r}")
+        self.model.eval()  # dropout off; BatchNorm batch statistics come from the grouped context
+        handle = strat.prepare(self, st, clone_buffers=policy == "recompute", lines=lines)
+        if policy == "recompute":
+            self._recompute(handle, kb, act)
+        shared_lines = None
+        if self._share and lines is not None and not strat.shares_internally and self._first is not None:
+            uniq, inv = torch.unique(lines[2], return_inverse=True)
+            if 3 * len(uniq) <= kb:  # two layer evaluations per line pay from three points a line
+                rows_a = lines[0][uniq.to(lines[0].device)].to(self.device, self.dtype)
+                rows_b = lines[1][uniq.to(lines[1].device)].to(self.device, self.dtype)
+                shared_lines = (rows_a, rows_b, inv, lines[3])
+        groups = group_sizes(n, bn_batch) if policy == "train" else None
+        for s, e, sizes in self._chunks(n, self._samples_per_forward(kb, act), groups):
+            xc = strat.adapt_input(x[s:e])
+            shared = None
+            if shared_lines is not None:
+                args = self._first.capture_input(self.model, xc)
+                shared = SharedLines(self._first.outputs(shared_lines[0], args), self._first.outputs(shared_lines[1], args),
+                                     shared_lines[2], shared_lines[3])
+            if sizes is not None:
+                self._grouped.sizes = sizes
+                with self._grouped:
+                    out = strat.forward(self, handle, xc, shared)
+            else:
+                out = strat.forward(self, handle, xc, shared)
+            l, c = self._per_sample(out, y[s:e])
+            loss_sum += l.sum(1)
+            if c is not None:
+                corr_sum += c.sum(1)
+            if self.on_samples is not None:
+                self.on_samples(kb * (e - s))
         return loss_sum.cpu().numpy(), corr_sum.cpu().numpy()
 
-    def _set_bn_train(self, flag: bool) -> None:
-        self.model.eval()
-        if flag:
-            for mod in self._bn_modules:
-                mod.train()
+    def _recompute(self, handle, kb: int, act: float) -> None:
+        """Re-estimate the running statistics held in ``handle`` (cloned buffers) from the recompute batches:
+        the average over the batches of their means and unbiased variances, in forwards of whole batches."""
+        batches = self.recompute_batches
+        size = self._samples_per_forward(kb, act)
+        g = self._grouped
+        g.record, g.done = True, 0
+        try:
+            i = 0
+            while i < len(batches):
+                j, tot = i, 0
+                while j < len(batches) and (j == i or tot + len(batches[j]) <= size):
+                    tot += len(batches[j])
+                    j += 1
+                xr = self._strat.adapt_input(torch.cat(batches[i:j]) if j - i > 1 else batches[i])
+                g.sizes = [len(b) for b in batches[i:j]]
+                with g:
+                    self._strat.forward(self, handle, xr, None)
+                g.done += j - i
+                i = j
+        finally:
+            g.record, g.done, g.sizes = False, 0, None
+
+
+def _slice_lines(lines, k: int):
+    return (lines[0], lines[1], lines[2][:k], lines[3][:k])
