@@ -66,8 +66,8 @@ def _options(pairs):
 @click.option("--flush-seconds", type=float, default=2.0, show_default=True, help="Write results at least this often (atomic rewrite).")
 @click.option("--curvature-split", type=click.Choice(["pairs", "data"]), default="pairs", show_default=True,
               help="Under torchrun: give each rank whole curvature units (pairs) or split every unit's evaluation data across ranks and all-reduce Hessian-vector products (data: one large model on every GPU).")
-@click.option("--strategy", type=click.Choice(["auto", "vmap", "loop", "mlp"]), default="auto", show_default=True,
-              help="How states are evaluated: auto measures the strategies on the run's data and keeps the fastest; vmap (batched states), loop (one state at a time over large sample batches), mlp (bmm route, plain MLPs). Recorded in the results file; never changes which rows are reused.")
+@click.option("--strategy", default="auto", show_default=True, metavar="NAME",
+              help="How states are evaluated: auto measures the strategies on the run's data and keeps the fastest; vmap (batched states), loop (one state at a time over large sample batches), loop_cl (loop in channels-last layout, 2-D convolutions), mlp (bmm route, plain MLPs). Recorded in the results file; never changes which rows are reused.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
 @click.option("--quiet", "-q", "--no-progress", "quiet", is_flag=True, help="No estimate line and no progress bar (the bar is also off when stderr is not a terminal, unless --progress).")
 @click.option("--progress", "force_progress", is_flag=True, help="Show the estimate and the progress bar even when stderr is not a terminal (log files, CI).")

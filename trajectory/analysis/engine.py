@@ -84,7 +84,7 @@ def analyze(
     docs/scaling.md); ``curvature_split="data"`` instead splits the curvature metrics' evaluation data
     across ranks and all-reduces Hessian-vector products. ``distributed=False`` forces a single process.
 
-    ``strategy`` (``auto``, ``vmap``, ``loop``, ``mlp``) is how the evaluator evaluates states; ``auto`` calibrates
+    ``strategy`` (``auto``, ``vmap``, ``loop``, ``loop_cl``, ``mlp``) is how the evaluator evaluates states; ``auto`` calibrates
     on the run's data. The choice is recorded per table (``replay``) and never enters the configuration hash.
     ``progress``: True for a bar on stderr counted in model evaluations (one state over the evaluation set)
     after an up-front estimate; a callable gets ``(done, total)`` model evaluations as they happen.

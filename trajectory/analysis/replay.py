@@ -34,8 +34,13 @@ from .errors import AnalysisError, MetricError
 from .evaluator import Evaluator
 from .options import EvalSpec
 
+try:  # the evaluator's strategies (``mlp``, ``vmap``, ``loop``, ``loop_cl``, ...): one list, kept by the evaluator
+    from .replay_strategies import STRATEGIES as _EVALUATOR_STRATEGIES
+except ImportError:  # pragma: no cover - an evaluator without strategy modules
+    _EVALUATOR_STRATEGIES = ("vmap", "loop", "mlp")
+
 #: ``--strategy`` values: how the evaluator evaluates states; ``auto`` lets it measure the others on the run's data
-STRATEGIES = ("auto", "vmap", "loop", "mlp")
+STRATEGIES = ("auto", *_EVALUATOR_STRATEGIES)
 
 __all__ = ["STRATEGIES", "ReplayContext", "Replay", "AnalysisRun", "Records", "DataSource", "EvalData", "resolve_model",
            "resolve_eval_data", "build_evaluator", "calibrate", "strategy_record", "auto_device"]
