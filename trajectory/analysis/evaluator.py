@@ -266,7 +266,9 @@ class Evaluator:
         "device", "first_layer_shared", "points", "samples", "seconds"}``.
         """
         bnb = int(bn_batch or self.bn_batch)
-        key = (tuple(x.shape), str(x.dtype), bnb)
+        # one calibration per sample shape (and BatchNorm group size where it matters): the number of samples
+        # (the evaluation set, or one minibatch after another under --eval minibatch) does not change the choice
+        key = (tuple(x.shape[1:]), str(x.dtype), bnb if (self.has_bn and self.bn_policy == "train") else None)
         if key in self._calibrations:
             self.strategy, self._strat, self._share = self._calibrations[key]
             return self.strategy

@@ -32,6 +32,7 @@ __all__ = [
     "preact_resnet",
     "preact_resnet20",
     "preact_resnet56",
+    "transformer",
     "count_parameters",
 ]
 
@@ -318,3 +319,51 @@ def preact_resnet56(num_classes: int = 10, width: int = 16, in_channels: int = 3
     """:func:`preact_resnet` with ``depth=56``: the ResNet-56 of the paper's experiments."""
     return preact_resnet(56, num_classes=num_classes, width=width, in_channels=in_channels)
 
+
+
+# ------------------------------------------------------------------------------------- Transformer
+class _PatchTransformer(nn.Module):
+    """Patch embedding + learned positions + pre-built ``nn.TransformerEncoderLayer`` blocks + mean pool + head."""
+
+    def __init__(self, in_features: int, patch: int, dim: int, depth: int, heads: int, num_classes: int) -> None:
+        super().__init__()
+        self.patch = patch
+        self.embed = nn.Linear(patch, dim)
+        self.pos = nn.Parameter(torch.zeros(1, in_features // patch, dim))
+        nn.init.normal_(self.pos, std=0.02)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x.reshape(x.shape[0], -1, self.patch)) + self.pos  # (N, tokens, dim)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(self.norm(h).mean(1))
+
+
+def transformer(
+    in_features: int = 40,
+    num_classes: int = 10,
+    patch: int = 4,
+    dim: int = 64,
+    depth: int = 2,
+    heads: int = 4,
+) -> nn.Module:
+    """A small transformer classifier for 1-D signals (MNIST-1D): the ``in_features`` values are cut into
+    ``in_features / patch`` tokens of ``patch`` values, embedded by one Linear layer, given learned positions,
+    run through ``depth`` ``nn.TransformerEncoderLayer`` blocks (post-norm, ReLU, no dropout), mean-pooled and
+    classified. Defaults: 10 tokens, ~68 k parameters. Any input of ``in_features`` values per sample works
+    (it is reshaped to tokens)."""
+    in_features = _positive_int(in_features, "in_features")
+    patch = _positive_int(patch, "patch")
+    dim = _positive_int(dim, "dim")
+    heads = _positive_int(heads, "heads")
+    if in_features % patch:
+        raise ValueError(f"in_features ({in_features}) must be a multiple of patch ({patch})")
+    if dim % heads:
+        raise ValueError(f"dim ({dim}) must be a multiple of heads ({heads})")
+    return _PatchTransformer(in_features, patch, dim, _positive_int(depth, "depth"), heads,
+                             _positive_int(num_classes, "num_classes"))
