@@ -110,17 +110,18 @@ def test_every_hvp_route_matches_eigh_of_autograd_hessian(name, bn):
     V = torch.randn(3, n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     HV = V @ H  # H symmetric
     evals = np.linalg.eigvalsh(H.numpy())
-    for mode in ("rev", "fwd"):
+    for mode, keep in (("rev", False), ("rev", True), ("fwd", None)):
         for chunk in (None, 5):
             if chunk is not None and bn == "train":
                 continue  # there the batches are the BatchNorm batches
             obj, p = Objective.from_model(model, x, y, bn=bn, bn_batch=BN_BATCH, recompute_batches=rb, hvp=mode,
-                                          chunk=chunk)
+                                          chunk=chunk, keep_graph=keep)
             assert torch.equal(p, p0)
-            got = obj.hvp_many(p, V)
-            err = float((got - HV).norm() / HV.norm())
-            assert err <= 1e-9, (mode, chunk, err)
-            assert float((obj.hvp(p, V[0]) - HV[0]).norm() / HV[0].norm()) <= 1e-9
+            for _ in range(2):  # the second product at p runs through the kept graphs (rev, keep)
+                got = obj.hvp_many(p, V)
+                err = float((got - HV).norm() / HV.norm())
+                assert err <= 1e-9, (mode, keep, chunk, err)
+                assert float((obj.hvp(p, V[0]) - HV[0]).norm() / HV[0].norm()) <= 1e-9
     # Lanczos on the measured choice: the top eigenvalue of eigh
     obj, p = Objective.from_model(model, x, y, bn=bn, bn_batch=BN_BATCH, recompute_batches=rb)
     apply(obj, measure(obj, p))
@@ -150,6 +151,25 @@ def test_measure_times_both_modes_and_chunks_and_apply_keeps_products():
     assert {k.split("/")[1] for k in ch["rates"]} == {str(BN_BATCH)}
     with pytest.raises(ValueError):
         obj_t.rechunk(12)
+
+
+def test_kept_graphs_are_bit_identical_and_follow_the_point():
+    model, x, y = MODELS["preact_resnet8"]
+    kept, p = Objective.from_model(model, x, y, bn="eval", chunk=10, keep_graph=True)
+    fresh, _ = Objective.from_model(model, x, y, bn="eval", chunk=10, keep_graph=False)
+    assert Objective.from_model(model, x, y, bn="eval")[0].keeps_graph  # tiny: fits the budget by default
+    V = torch.randn(2, p.numel(), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    mm = kept.matmat(p)
+    for _ in range(3):
+        assert torch.equal(mm(V), fresh.hvp_many(p, V))
+    assert kept._graphs is not None and kept._graphs[0] is p
+    p2 = p + 0.05 * V[0]  # another point: new graphs, its own Hessian
+    assert torch.equal(kept.hvp_many(p2, V), fresh.hvp_many(p2, V))
+    assert kept._graphs[0] is p2
+    p2.mul_(1.01)  # changed in place: the version counter tells
+    assert torch.equal(kept.hvp_many(p2, V), fresh.hvp_many(p2, V))
+    kept.rechunk(12)
+    assert kept._graphs is None
 
 
 def test_objective_reports_work_in_sample_forward_equivalents():

@@ -42,9 +42,17 @@ def _sync(device: torch.device) -> None:
 
 
 def _time_once(obj: Objective, p: torch.Tensor, v: torch.Tensor, s: int, e: int, mode: str) -> float:
+    """Seconds of one product over samples s:e; for ``rev`` with kept graphs (:attr:`Objective.keeps_graph`) the
+    amortised cost, one double-backward pass through a graph built beforehand (untimed)."""
+    kept = mode == "rev" and obj.operator == "hessian" and obj.keeps_graph
+    if kept:
+        q, g = obj._rev_graph(p, s, e)
     _sync(obj.device)
     t = time.perf_counter()
-    obj.batch_products(p, v, s, e, mode)
+    if kept:
+        obj._rev_apply(q, g, v, keep=True)
+    else:
+        obj.batch_products(p, v, s, e, mode)
     _sync(obj.device)
     return time.perf_counter() - t
 
@@ -54,7 +62,7 @@ def measure(obj: Objective, p: torch.Tensor, *, modes: Sequence[str] = HVP_MODES
     """Time one product over the first ``chunk`` samples per (mode, chunk) candidate; return the fastest per sample.
 
     Returns ``{"hvp": mode, "chunk": samples, "by": "auto", "device": ..., "rates": {"mode/chunk": sample-HVPs/s},
-    "samples_per_s": best rate}``. Candidates that run out of device memory are skipped. The products are not
+    "samples_per_s": best rate, "kept_graph": whether rev keeps its gradient graphs}``. Candidates that run out of device memory are skipped. The products are not
     counted in ``obj.hvps`` nor reported as progress (they are overhead, a few products once per run). Under
     the GGN operator the mode does not matter; only chunks are timed."""
     p = p.detach()
@@ -93,7 +101,8 @@ def measure(obj: Objective, p: torch.Tensor, *, modes: Sequence[str] = HVP_MODES
     best = max(rates, key=rates.__getitem__)
     mode, c = best.split("/")
     return {"hvp": mode, "chunk": int(c), "by": "auto", "device": str(obj.device),
-            "rates": {k: round(r, 3) for k, r in rates.items()}, "samples_per_s": round(rates[best], 3)}
+            "rates": {k: round(r, 3) for k, r in rates.items()}, "samples_per_s": round(rates[best], 3),
+            "kept_graph": bool(obj.operator == "hessian" and obj.keeps_graph)}
 
 
 def apply(obj: Objective, choice: dict[str, Any]) -> Objective:
