@@ -16,8 +16,9 @@ It checks that sgdwalk's HVP equals the naive one and prints the ratios.
 
 Conv nets (zoo ``cnn_bn`` on MNIST-1D and ``preact_resnet20`` on synthetic 3x32x32 data, BatchNorm 'eval'):
 
-* rev / fwd per chunk size: one HVP over all samples per (mode, chunk), the time ``hvp=auto`` measures from, and
-  the choice ``autotune.measure`` makes (timed on one chunk, as in a run);
+* rev / rev+keep / fwd per chunk size: one HVP over all samples per (mode, chunk), the time ``hvp=auto`` measures
+  from, and the choice ``autotune.measure`` makes (timed on one chunk, as in a run); ``rev+keep`` is a further
+  product at the same point through kept gradient graphs (``Objective.keeps_graph``), what Lanczos pays per step;
 * other candidates: the gradient by ``torch.func.grad`` (what ``loss_grad`` uses) against ``torch.autograd.grad``,
   and channels-last memory format for the 2-D ResNet.
 
@@ -120,16 +121,19 @@ def bench_conv(name, model, x, y, device, reps, chunks):
     v = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(device, p.dtype)
     print(f"\n{name}: {n:,} parameters, {len(x)} samples of {tuple(x.shape[1:])}, {p.dtype}, {device}; "
           f"memory-budget chunk {obj.default_chunk()}")
-    print(f"  {'mode':5s} {'chunk':>6s} {'ms / HVP':>10s} {'samples/s':>10s}")
+    print(f"  {'mode':9s} {'chunk':>6s} {'ms / HVP':>10s} {'samples/s':>10s}   (rev+keep: gradient graphs kept between"
+          f" products at one point, {'fits' if obj.keeps_graph else 'does NOT fit'} the budget here)")
     ref = None
-    for mode in ("rev", "fwd"):
+    for mode, keep in (("rev", False), ("rev", True), ("fwd", None)):
         for c in chunks:
-            o, _ = Objective.from_model(model, x, y, bn="eval", hvp=mode, chunk=c)
+            o, _ = Objective.from_model(model, x, y, bn="eval", hvp=mode, chunk=c, keep_graph=keep)
             hv = o.hvp(p, v)
             ref = hv if ref is None else ref
             err = float((hv - ref).norm() / ref.norm())
             t = timeit(lambda: o.hvp(p, v), reps, sync)
-            print(f"  {mode:5s} {c:6d} {t * 1e3:10.1f} {len(x) / t:10.0f}   (rel. diff to rev/{chunks[0]}: {err:.1e})")
+            label = mode + ("+keep" if keep else "")
+            print(f"  {label:9s} {c:6d} {t * 1e3:10.1f} {len(x) / t:10.0f}   (rel. diff to rev/{chunks[0]}: {err:.1e})")
+            o.release()
     t0 = time.perf_counter()
     ch = measure(obj, p)
     sync()

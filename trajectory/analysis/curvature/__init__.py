@@ -5,6 +5,9 @@
 * ``linalg.py``: Lanczos with full reorthogonalisation, top-k eigenpairs with residuals, power iteration with
   deflation, Hutchinson and Hutch++ traces, stochastic Lanczos quadrature and Gaussian-broadened densities.
 * ``sharpness.py``: Keskar's ε-sharpness and the Gaussian-perturbation loss increase.
+* ``autotune.py``: the HVP mode and data chunk chosen by timing the candidates (``hvp=auto``).
+* ``runcache.py``: state shared by the curvature metrics of one run (the measured choice; top eigenpairs, so that
+  ``sharpness`` reuses ``hessian_top``'s Lanczos), bounded and living as long as the run.
 
 The metrics ``hessian_top``, ``hessian_trace``, ``hessian_esd`` and ``sharpness`` live in
 :mod:`trajectory.analysis.metrics.curvature`.

@@ -18,9 +18,16 @@ BatchNorm policies (same meaning as for loss evaluation, see :mod:`trajectory.an
 Hessian-vector products:
 
 ``hvp="rev"``  (default) double backprop, ``torch.autograd.grad(g·v, p)`` with ``create_graph=True``; several
-               vectors share one graph of the gradient. The cheapest on CPU (benchmarks/bench_curvature.py).
+               vectors share one graph of the gradient, and while the whole data's activations fit a budget the
+               graphs of every batch are kept between products at the same p (:attr:`Objective.keeps_graph`), so
+               each further product is one double-backward pass (bit-identical; Lanczos applies H many times
+               at one point).
 ``hvp="fwd"``  forward-over-reverse, ``torch.func.jvp(torch.func.grad(L_b), (p,), (v,))``; several vectors
                share one pass through ``torch.func.vmap`` over the tangents (:meth:`Objective.hvp_many`).
+
+Which mode and chunk are fastest depends on model and device: :mod:`.autotune` measures them (``hvp=auto`` of the
+curvature metrics). Every loss, gradient and product is reported through :attr:`Objective.on_samples` in
+sample-forward equivalents (progress).
 
 ``operator="ggn"`` replaces H by the generalised Gauss-Newton matrix G = Jᵀ H_ℓ J (positive semi-definite
 for cross-entropy and mse), computed as a jvp followed by a vjp.

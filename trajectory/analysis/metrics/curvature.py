@@ -11,7 +11,15 @@ All four declare ``requires = ("floor",)`` so that ``at: "floor"`` always has it
 next to curvature (tens of forward passes per pair against hundreds for curvature) and are stored as usual.
 
 Random vectors are drawn from a generator seeded by (``seed``, pair, metric), so a row does not depend on
-which other pairs run with it, and the same configuration gives the same numbers.
+which other pairs run with it, and the same configuration gives the same numbers. ``sharpness``'s Lanczos start
+vector is ``hessian_top``'s, so that in one run the top eigenpair at a point is computed once and shared through
+the run's cache (:mod:`trajectory.analysis.curvature.runcache`); rows equal those of separate runs.
+
+``hvp=auto`` (default) uses the HVP mode and data chunk measured fastest on the run's first curvature unit
+(:mod:`trajectory.analysis.curvature.autotune`; ``choice()`` tells which); it is stored as ``rev`` in the options,
+hence in the configuration hash, because every choice gives the same values to float rounding. ``cost()`` estimates
+the work in sample-forward equivalents, and every loss, gradient and HVP is reported to
+``ctx.evaluator.on_samples`` as it happens (progress).
 
 ``hessian_top``   columns ``eigenvalues`` (k,), ``residuals`` (k,) = ‖Hv − λv‖ (explicit), ``lambda_max``
                   (= eigenvalues[0]), ``lr``, ``eos_ratio`` = λ_max·lr/2, ``loss``, ``a``, ``iters``,
