@@ -254,10 +254,10 @@ def main():
               256 if big else 32, device, max(1, reps // 2) if not big else reps, 60 if big else (10 if args.quick else 80))
     if not args.skip_conv:
         big = device.type == "cuda"
-        n1 = 4000 if big else (256 if args.quick else 1000)
+        n1 = (2000 if args.quick else 4000) if big else (256 if args.quick else 1000)
         bench_conv("zoo cnn_bn (MNIST-1D, 1 x 40)", cnn_bn(), x[:n1].float(), y[:n1], device, reps,
-                   [c for c in (64, 256, 1024, 4000) if c <= n1])
-        ds = synthetic(split="train", num_samples=1024 if big else (32 if args.quick else 128))
+                   [c for c in (64, 256, 1024, 4000) if c <= n1] + ([n1] if n1 not in (64, 256, 1024, 4000) else []))
+        ds = synthetic(split="train", num_samples=(512 if args.quick else 1024) if big else (32 if args.quick else 128))
         xc, yc = ds.tensors
         bench_conv("zoo preact_resnet20 (synthetic 3 x 32 x 32)", preact_resnet20(), xc.float(), yc, device,
                    max(1, reps // 2), [c for c in (16, 64, 256, 1024) if c <= len(xc)])
