@@ -22,7 +22,7 @@ from .evaluator import has_batchnorm
 from .metric import DEFAULT_METRICS
 from .options import BN_POLICIES, DTYPES, LOSSES, EvalSpec, check_choice, parse_alphas, parse_eval, parse_spans, parse_steps
 from .plan import check_options, make_plan, metric_closure, missing_units, results_info, select, shared_config
-from .replay import (STRATEGIES, AnalysisRun, DataSource, Records, Replay, ReplayContext, auto_device, build_evaluator, calibrate,
+from .replay import (STRATEGIES, AnalysisRun, DataSource, ReplayContext, auto_device, build_evaluator, calibrate, open_replay,
                      resolve_eval_data, resolve_model, strategy_record)
 from .results import default_results_path
 from .run import AnalysisReport, Job, LocalRunner, Progress
@@ -142,17 +142,10 @@ def analyze(
         tables = plan.tables(store)
 
         # run
-        state_bytes = evaluator.n_state * (8 if tdtype == torch.float64 else 4)
-        if block_pairs is None:
-            block_pairs = int(max(1, min(32, (256 << 20) // max(1, 3 * state_bytes))))
         max_span = max(opts["spans"]) if "barriers" in plan.instances else 1
-        records = Records(traj, dev, tdtype, capacity=2 * block_pairs + max_span + 8)
-        replay = Replay(
-            traj=traj, steps=traj.steps, pairs=pairs, evaluator=evaluator, options=opts, eval_spec=eval_spec,
-            bn_effective=bn_eff, records=records, tables=tables, batch_indices=evdata.batch_indices,
-            train_x=evdata.train_x, train_y=evdata.train_y, eval_x=evdata.eval_x, eval_y=evdata.eval_y,
-            block_pairs=block_pairs, max_points=4096, state_budget=256 << 20,
-        )
+        replay = open_replay(traj, pairs, evaluator, evdata, eval_spec, bn_eff, opts, tables, block_pairs=block_pairs,
+                             max_span=max_span)
+        records = replay.records
         pending, _ = missing_units(plan.instances, tables, pairs)
         evaluates = any(pending[n] and inst.uses_data for n, inst in plan.instances.items())
         calib = calibrate(evaluator, evdata) if evaluates else {}

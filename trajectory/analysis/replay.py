@@ -43,7 +43,7 @@ except ImportError:  # pragma: no cover - an evaluator without strategy modules
 STRATEGIES = ("auto", *_EVALUATOR_STRATEGIES)
 
 __all__ = ["STRATEGIES", "ReplayContext", "Replay", "AnalysisRun", "Records", "DataSource", "EvalData", "resolve_model",
-           "resolve_eval_data", "build_evaluator", "calibrate", "strategy_record", "auto_device"]
+           "resolve_eval_data", "build_evaluator", "calibrate", "open_replay", "strategy_record", "auto_device"]
 
 
 def _one_line(err: BaseException) -> str:
@@ -462,6 +462,24 @@ def auto_device(device: str | torch.device | None) -> torch.device:
 
 #: Old name of :class:`Replay` (kept for code that imported it from the engine).
 AnalysisRun = Replay
+
+
+def open_replay(traj: Trajectory, pairs: Sequence[int], evaluator: Evaluator, data: "EvalData", eval_spec: EvalSpec,
+                bn_eff: str, options: Mapping[str, Any], tables: Mapping[str, Any], *, block_pairs: int | None = None,
+                max_span: int = 1) -> Replay:
+    """The :class:`Replay` of one analysis, with a record cache sized for two blocks plus the widest barrier span.
+
+    ``block_pairs`` (pairs per block) defaults to what keeps three blocks' states within 256 MiB (at most 32)."""
+    state_bytes = evaluator.n_state * (8 if evaluator.dtype == torch.float64 else 4)
+    if block_pairs is None:
+        block_pairs = int(max(1, min(32, (256 << 20) // max(1, 3 * state_bytes))))
+    records = Records(traj, evaluator.device, evaluator.dtype, capacity=2 * block_pairs + max_span + 8)
+    return Replay(
+        traj=traj, steps=traj.steps, pairs=pairs, evaluator=evaluator, options=options, eval_spec=eval_spec,
+        bn_effective=bn_eff, records=records, tables=tables, batch_indices=data.batch_indices,
+        train_x=data.train_x, train_y=data.train_y, eval_x=data.eval_x, eval_y=data.eval_y,
+        block_pairs=block_pairs, max_points=4096, state_budget=256 << 20,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- evaluation data
