@@ -265,7 +265,14 @@ class Trajectory:
             self._check_declared(name, d)
 
     def _check_declared(self, name: str, d: h5py.Dataset) -> None:
-        """A declared length must be backed by stored chunks (checked before anything is allocated for it)."""
+        """A declared length must be backed by stored chunks (checked before anything is allocated for it).
+
+        Counting chunks walks the chunk index, so it is done only when the declared size is suspicious: more
+        raw bytes than 16x the file (compression of real trajectories stays far below that).
+        """
+        declared = int(np.prod(d.shape, dtype=np.float64)) * d.dtype.itemsize if d.shape else 0
+        if declared <= 16 * max(1, os.path.getsize(self.path)):
+            return
         if d.chunks is None:
             limit = d.id.get_storage_size() // max(1, d.dtype.itemsize)
         else:
