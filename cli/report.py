@@ -43,8 +43,10 @@ def report(results, out, window, formats, title, eval_, configs, quiet):
                            configs=configs, progress=not quiet and sys.stderr.isatty())
     except (SgdwalkError, ValueError, OSError) as err:
         _fail(err)
-    for note in res.omitted.values():
-        click.echo(f"note: {note}", err=True)
+    from trajectory.textsafe import one_line
+
+    for note in res.omitted.values():  # notes quote metric names and paths read from the files: escaped, cut
+        click.echo(f"note: {one_line(note)}", err=True)
     n = sum(len(v) for v in res.figures.values())
     click.echo(f"wrote {res.html} and {n} figure files ({', '.join(res.figures) or 'none'}) in {res.seconds:.1f} s")
 
