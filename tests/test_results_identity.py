@@ -156,3 +156,22 @@ def test_legacy_rule_refuses_what_it_cannot_confirm(runs, tmp_path, change):
             g["step_a"][...] = sa
     code, lines = _cli("analyze", arch, "--out", out, "--metric", "geometry", "--device", "cpu", "-q")
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), lines
+
+
+def test_new_archives_are_identified_by_the_writers_uuid(tmp_path):
+    r = CliRunner().invoke(main, [*TRAIN, "--lr", "0.1", "--out", str(tmp_path / "n.h5")])
+    assert r.exit_code == 0, r.output
+    with h5py.File(tmp_path / "n.h5", "r") as f:
+        uid = f.attrs["archive_uuid"]
+    uid = uid.decode() if isinstance(uid, bytes) else str(uid)
+    assert str(_ids(str(tmp_path / "n.h5"))[0]) == f"uuid:{uuid.UUID(uid)}"
+
+
+def test_a_malformed_uuid_is_one_error_line(runs, tmp_path):
+    arch = str(tmp_path / "bad.h5")
+    shutil.copy(runs["a"], arch)
+    with h5py.File(arch, "r+") as f:
+        f.attrs["archive_uuid"] = "not-a-uuid\x1b[31m" + "x" * 5000
+    code, lines = _cli("analyze", arch, "--out", str(tmp_path / "r.h5"), "--metric", "geometry", "--device", "cpu", "-q")
+    assert code == 2 and len(lines) == 1 and "is not a UUID" in lines[0] and len(lines[0]) < 500, lines
+    assert "\x1b" not in lines[0]
