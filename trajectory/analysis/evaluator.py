@@ -278,39 +278,41 @@ class Evaluator:
             raise AnalysisError("the evaluation data is empty")
         cands = self._candidates(x)
         act = self._probe(x)
-        kcal = 6
+        kmax = 6
         base = self._template_state()
-        states = base.unsqueeze(0).expand(kcal, -1).contiguous()
-        lines = (base.unsqueeze(0), base.unsqueeze(0), torch.zeros(kcal, dtype=torch.long),
-                 torch.linspace(0.0, 1.0, kcal, dtype=torch.float64))
+        states = base.unsqueeze(0).expand(kmax, -1).contiguous()
+        lines = (base.unsqueeze(0), base.unsqueeze(0), torch.zeros(kmax, dtype=torch.long),
+                 torch.linspace(0.0, 1.0, kmax, dtype=torch.float64))
         policy = self.bn_policy if self.has_bn else "eval"
         unit = min(n, max(2, bnb) if policy == "train" else 16)
         saved_cb, saved_pts = self.on_samples, self.points_evaluated
         self.on_samples = None
         rates: dict[str, float] = {}
         chosen: tuple[float, str, bool] | None = None
-        m = None
+        m = kcal = None
         try:
             for name, share in cands:
                 label = name + ("+shared" if share else "")
                 strat = make_strategy(name)
                 try:
                     self._strat, self._share = strat, share
-                    self._sync()
-                    t = time.perf_counter()
-                    self._evaluate_all(states[:2], x[:unit], y[:unit], bnb, _slice_lines(lines, 2), act)
-                    self._sync()
-                    warm = time.perf_counter() - t
-                    if m is None:  # size the timed runs from the first warm-up: about 0.1 s each
-                        per = warm / (2 * unit)
-                        m = int(min(n, 1024, max(unit, 0.1 / max(per * kcal, 1e-9))))
-                        if policy == "train":
-                            m = max(unit, m - m % max(2, bnb)) if m < n else m
-                    best = float("inf")
-                    for _ in range(2):
+                    for _ in range(2 if (m is None and len(cands) > 1) else 1):  # warm-up (lazy initialisation, caches)
                         self._sync()
                         t = time.perf_counter()
-                        self._evaluate_all(states, x[:m], y[:m], bnb, lines, act)
+                        self._evaluate_all(states[:2], x[:unit], y[:unit], bnb, _slice_lines(lines, 2), act)
+                        self._sync()
+                        warm = time.perf_counter() - t
+                    if m is None:  # size the timed runs from the warm run: about 50 ms each, few points on big models
+                        per = warm / (2 * unit)
+                        m = int(min(n, 2048, max(unit, 0.05 / max(per * kmax, 1e-9))))
+                        if policy == "train" and m < n:
+                            m = max(unit, m - m % max(2, bnb))
+                        kcal = int(min(kmax, max(3, 0.05 / max(per * m, 1e-9))))
+                    best = float("inf")
+                    for _ in range(2 if (per * kcal * m < 0.3 and len(cands) > 1) else 1):
+                        self._sync()
+                        t = time.perf_counter()
+                        self._evaluate_all(states[:kcal], x[:m], y[:m], bnb, _slice_lines(lines, kcal), act)
                         self._sync()
                         best = min(best, time.perf_counter() - t)
                     rate = kcal * m / max(best, 1e-12)
@@ -332,7 +334,7 @@ class Evaluator:
             "candidates": {k: float(v) for k, v in rates.items()},
             "device": str(self.device),
             "first_layer_shared": bool(share or (name == "mlp" and [p for p in self._plan if p[0] != "flatten"][0][0] == "linear")),
-            "points": kcal,
+            "points": int(kcal or 0),
             "samples": int(m or 0),
             "seconds": time.perf_counter() - t_start,
         }
