@@ -52,7 +52,7 @@ _CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("limit", [60_000, 250_000])
+@pytest.mark.parametrize("limit", [20_000, 60_000, 170_000, 400_000])
 def test_write_failure_raises_and_keeps_the_flushed_records(tmp_path: Path, limit: int) -> None:
     path = tmp_path / "full.h5"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))

@@ -197,6 +197,7 @@ class Trajectory:
         try:
             refuse_foreign_storage(self._file, self.path)
             self._attrs = self._decode_attrs()  # read once, now: damaged attribute storage fails here, in one line
+            self._caps: dict[str, int] = {}  # stored lengths of datasets an unclean writer declared longer
             self._validate()
             self.layout = self._read_layout()
             self.codec = get_codec(str(self._file.attrs["codec"]))
@@ -281,6 +282,9 @@ class Trajectory:
                 per_row_block *= -(-extent // chunk) if extent else 1
             limit = -(-d.id.get_num_chunks() // per_row_block) * d.chunks[0]
         if d.shape and d.shape[0] > limit:
+            if not self.closed_cleanly:  # a writer that failed or was killed mid-flush: use what is stored
+                self._caps[name] = int(limit)
+                return
             raise self._fail(f"dataset '{name}' declares {d.shape[0]} entries but stores at most {limit}")
 
     def _read_layout(self) -> Layout:
@@ -356,37 +360,61 @@ class Trajectory:
                 "restore a good copy or re-record"
             ) from None
 
+    def _len(self, name: str) -> int:
+        return min(self._file[name].shape[0], self._caps.get(name, 1 << 62))
+
     def _load_meta(self) -> None:
+        """Record count, steps and batch offsets, validated.
+
+        A cleanly closed archive must be exactly consistent. A file whose writer was killed or hit a write error
+        may have had a dataset's new length reach the disk without its data (HDF5 writes the extent early in
+        SWMR mode); for such a file the records are the longest consistent prefix, which is everything up to
+        the writer's last successful flush.
+        """
         f = self._file
-        n = f[fmt.STEPS].shape[0]
+        clean = self.closed_cleanly
+        n = self._len(fmt.STEPS)
         for d in self._rows:
-            n = min(n, f[d].shape[0])
+            n = min(n, self._len(d))
         for name in (fmt.RECORD_TIME, fmt.NONFINITE):
-            if f[name].shape[0] < n:
-                raise self._fail(f"dataset '{name}' has {f[name].shape[0]} entries for {n} records")
+            if self._len(name) < n:
+                if clean:
+                    raise self._fail(f"dataset '{name}' has {f[name].shape[0]} entries for {n} records")
+                n = self._len(name)
         steps = self._read_meta(fmt.STEPS, f[fmt.STEPS], n).astype(np.int64)
         if n and steps[0] < 0:
-            raise self._fail(f"record 0 has a negative step {int(steps[0])}")
+            if clean:
+                raise self._fail(f"record 0 has a negative step {int(steps[0])}")
+            n, steps = 0, steps[:0]
         if n > 1:
             bad = np.flatnonzero(np.diff(steps) <= 0)
             if len(bad):
                 i = int(bad[0])
-                raise self._fail(f"steps are not strictly increasing (record {i + 1} has step {int(steps[i + 1])} after {int(steps[i])})")
-        if self.closed_cleanly:
-            stored = self._file.attrs.get("n_records", None)
+                if clean:
+                    raise self._fail(f"steps are not strictly increasing (record {i + 1} has step {int(steps[i + 1])} after {int(steps[i])})")
+                n, steps = i + 1, steps[: i + 1]
+        if clean:
+            stored = self._attrs.get("n_records", None)
             if stored is not None and np.ndim(stored) == 0 and not isinstance(stored, (str, bytes)) and int(stored) != n:
                 raise self._fail(f"it was closed with {int(stored)} records but holds {n}")
-        nb = f[fmt.BATCH_STEP].shape[0]
-        nb = min(nb, f[fmt.BATCH_END].shape[0])
+        nb = min(self._len(fmt.BATCH_STEP), self._len(fmt.BATCH_END))
         batch_step = self._read_meta(fmt.BATCH_STEP, f[fmt.BATCH_STEP], nb).astype(np.int64)
         ends = self._read_meta(fmt.BATCH_END, f[fmt.BATCH_END], nb).astype(np.int64)
+        n_indices = self._len(fmt.BATCH_INDICES)
         if nb:
-            if batch_step[0] < 0 or (nb > 1 and np.any(np.diff(batch_step) <= 0)):
-                raise self._fail("batches/step is not strictly increasing from a non-negative step")
-            if ends[0] < 0 or (nb > 1 and np.any(np.diff(ends) < 0)):
-                raise self._fail("batches/end is not non-decreasing from 0")
-            if ends[-1] > f[fmt.BATCH_INDICES].shape[0]:
-                raise self._fail(f"batches/end points past the {f[fmt.BATCH_INDICES].shape[0]} stored indices")
+            ok = (batch_step >= 0) & (ends >= 0) & (ends <= n_indices)
+            ok[1:] &= (np.diff(batch_step) > 0) & (np.diff(ends) >= 0)
+            if not ok.all():
+                first_bad = int(np.flatnonzero(~ok)[0])
+                if not clean:
+                    nb = first_bad
+                    batch_step, ends = batch_step[:nb], ends[:nb]
+                elif batch_step[first_bad] < 0 or (first_bad and batch_step[first_bad] <= batch_step[first_bad - 1]):
+                    raise self._fail("batches/step is not strictly increasing from a non-negative step")
+                elif ends[first_bad] > n_indices:
+                    raise self._fail(f"batches/end points past the {n_indices} stored indices")
+                else:
+                    raise self._fail("batches/end is not non-decreasing from 0")
         self._n = n
         self._steps = steps
         self._batch_step, self._batch_end = batch_step, ends
