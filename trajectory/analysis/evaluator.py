@@ -376,7 +376,7 @@ class Evaluator:
         loss_sum = np.zeros(k_all)
         corr_sum = np.zeros(k_all)
         if strat.per_point:
-            mp = self.max_points if self.max_points is not None else 64
+            mp = self.max_points if self.max_points is not None else 24  # one or two lines a pass
         else:
             mp = self.max_points if self.max_points is not None else max(32, int(self.max_elems // (512 * act)))
         kc_max = max(1, min(mp, k_all))
