@@ -260,3 +260,15 @@ def test_hf_adapter_keeps_names_and_maps_dict_batches(hf):
         want = m(input_ids=Tokens().ids, attention_mask=torch.ones(N, SEQ, dtype=torch.long)).logits
         torch.testing.assert_close(wrapped(x), want)
     assert adapt(m, "hf", input_keys=["input_ids"]).__class__.__name__ == type(m).__name__
+
+
+def test_hf_adapter_picks_its_inputs_from_the_stacked_fields(hf):
+    m = _bert(hf).eval()
+    x = torch.stack([torch.ones(N, SEQ, dtype=torch.long), Tokens().ids], dim=1)  # attention_mask, input_ids
+    picked = HuggingFace(input_keys=["input_ids"], fields=["attention_mask", "input_ids"]).wrap(m)
+    with torch.no_grad():
+        torch.testing.assert_close(picked(x), m(input_ids=Tokens().ids).logits)
+    wrong = HuggingFace(input_keys=["input_ids"], fields=["a", "b", "input_ids"]).wrap(m)
+    with pytest.raises(Exception) as err:
+        wrong(x)
+    assert "drop the others" in str(err.value) and "\n" not in str(err.value)
