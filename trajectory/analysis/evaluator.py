@@ -284,7 +284,9 @@ class Evaluator:
         lines = (base.unsqueeze(0), base.unsqueeze(0), torch.zeros(kmax, dtype=torch.long),
                  torch.linspace(0.0, 1.0, kmax, dtype=torch.float64))
         policy = self.bn_policy if self.has_bn else "eval"
-        unit = min(n, max(2, bnb) if policy == "train" else 16)
+        # a small first slice; BatchNorm 'train' groups are capped at it too (the speed hardly depends on the group size)
+        unit = min(n, 32)
+        cal_bnb = min(bnb, max(2, unit))
         saved_cb, saved_pts = self.on_samples, self.points_evaluated
         self.on_samples = None
         rates: dict[str, float] = {}
@@ -299,22 +301,36 @@ class Evaluator:
                     for _ in range(2 if (m is None and len(cands) > 1) else 1):  # warm-up (lazy initialisation, caches)
                         self._sync()
                         t = time.perf_counter()
-                        self._evaluate_all(states[:2], x[:unit], y[:unit], bnb, _slice_lines(lines, 2), act)
+                        self._evaluate_all(states[:2], x[:unit], y[:unit], cal_bnb, _slice_lines(lines, 2), act)
                         self._sync()
                         warm = time.perf_counter() - t
                     if m is None:  # size the timed runs from the warm run: about 50 ms each, few points on big models
                         per = warm / (2 * unit)
                         m = int(min(n, 2048, max(unit, 0.05 / max(per * kmax, 1e-9))))
                         if policy == "train" and m < n:
-                            m = max(unit, m - m % max(2, bnb))
-                        kcal = int(min(kmax, max(3, 0.05 / max(per * m, 1e-9))))
+                            m = max(unit, m - m % cal_bnb)
+                        kcal = int(min(kmax, max(2, 0.05 / max(per * m, 1e-9))))
+                    warm_rate = 2 * unit / max(warm, 1e-12)
+                    if chosen is not None and warm > 0.2 and warm_rate < chosen[0] / 3:
+                        rates[label] = warm_rate  # far slower even warm: not worth timing properly
+                        continue
                     best = float("inf")
-                    for _ in range(2 if (per * kcal * m < 0.3 and len(cands) > 1) else 1):
+                    runs = 2 if (per * kcal * m < 0.3 and len(cands) > 1) else 1
+                    while runs > 0:
                         self._sync()
                         t = time.perf_counter()
-                        self._evaluate_all(states[:kcal], x[:m], y[:m], bnb, _slice_lines(lines, kcal), act)
+                        self._evaluate_all(states[:kcal], x[:m], y[:m], cal_bnb, _slice_lines(lines, kcal), act)
                         self._sync()
-                        best = min(best, time.perf_counter() - t)
+                        el = time.perf_counter() - t
+                        if chosen is None and not rates and el < 0.02 and m < min(n, 2048):
+                            # the warm run was dominated by per-call overhead: grow the slice until a run is long
+                            # enough to measure throughput (later candidates use the same slice)
+                            m = int(min(n, 2048, 4 * m))
+                            if policy == "train" and m < n:
+                                m = max(unit, m - m % cal_bnb)
+                            continue
+                        best = min(best, el)
+                        runs -= 1
                     rate = kcal * m / max(best, 1e-12)
                 except Exception:  # noqa: BLE001 - a strategy the model does not support (e.g. no batching rule)
                     if len(cands) == 1:
