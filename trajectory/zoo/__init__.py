@@ -48,6 +48,7 @@ MODEL_FACTORIES: tuple[str, ...] = (
     "preact_resnet",
     "preact_resnet20",
     "preact_resnet56",
+    "transformer",
 )
 
 #: Short names of the data factories; same role as :data:`MODEL_FACTORIES` for
