@@ -71,6 +71,8 @@ ANALYZE = {
     "metric escape": (["--metric", "nosuch" + ESC + HUGE], "metric"),
     "model bad kwargs 1 MB": (["--model", "mlp {" + HUGE], "limit is"),
     "k not a number": (["--k", "many"], "--k"),
+    "k far too large": (["--metric", "hessian_top", "--k", "100000000"], "option k"),
+    "iters far too large": (["--metric", "hessian_top", "--option", "iters=1000000000000"], "option iters"),
     "out in a missing directory": (["--out", "/nonexistent-dir/x/r.h5"], "does not exist"),
 }
 

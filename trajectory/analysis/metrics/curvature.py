@@ -57,13 +57,20 @@ EIGEN_STREAM = 1
 _BLOCK = 8  # vectors per batched HVP pass
 
 
-def _int(o: dict, key: str, lo: int = 1) -> None:
+#: Upper bound of every integer curvature option: sizes are checked before anything is allocated (a row holds k
+#: floats per eigenpair, Lanczos keeps iters vectors), so a typo such as --k 100000000 is one error line, not a hang.
+MAX_INT_OPTION = 1_000_000
+#: Most eigenpairs one metric computes (full reorthogonalisation keeps k + iters vectors of the model's size).
+MAX_K = 1000
+
+
+def _int(o: dict, key: str, lo: int = 1, hi: int = MAX_INT_OPTION) -> None:
     try:
         v = int(o[key])
-    except (TypeError, ValueError):
-        raise AnalysisError(f"option {key}={o[key]!r} is not an integer") from None
-    if v < lo or v != float(o[key]):
-        raise AnalysisError(f"option {key}={o[key]!r}: expected an integer >= {lo}")
+    except (TypeError, ValueError, OverflowError):
+        raise AnalysisError(f"option {key}={str(o[key])[:40]!r} is not an integer") from None
+    if v < lo or v > hi or v != float(o[key]):
+        raise AnalysisError(f"option {key}={str(o[key])[:40]!r}: expected an integer from {lo} to {hi}")
     o[key] = v
 
 
@@ -91,7 +98,7 @@ class _Curvature(Metric):
         _choice(o, "at", ("record", "floor"))
         _choice(o, "hvp", HVP_CHOICES)
         _choice(o, "operator", OPERATORS)
-        _int(o, "seed", 0)
+        _int(o, "seed", 0, hi=2**63 - 1)
         # 'auto' is stored as 'rev' in the options, hence in the configuration hash: every mode and chunk gives the
         # same products to float rounding, and results files written when 'rev' was the default stay reusable
         self.hvp_request = o["hvp"]
@@ -233,7 +240,7 @@ class _TopEigen(_Curvature):
     def validate(self) -> None:
         super().validate()
         o = self.options
-        _int(o, "k")
+        _int(o, "k", hi=MAX_K)
         _int(o, "iters")
         _pos(o, "tol")
         _choice(o, "eig_method", ("lanczos", "power"))
