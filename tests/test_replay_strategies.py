@@ -242,6 +242,17 @@ def test_grouped_batchnorm_equals_a_loop_of_per_group_forwards(channels_last):
     # record mode: the running statistics are the cumulative average of the groups' statistics
     assert torch.allclose(bn.running_mean, ref_bn.running_mean, rtol=1e-12, atol=1e-12)
     assert torch.allclose(bn.running_var, ref_bn.running_var, rtol=1e-12, atol=1e-12)
+    # without recording: per-group native kernels, one group or several, running statistics untouched
+    before = bn.running_mean.clone()
+    g.record = False
+    for sz in (sizes, [23]):
+        g.sizes = sz
+        with g:
+            got = bn(x)
+        ref = torch.cat([F.batch_norm(part, None, None, bn.weight, bn.bias, True, 0.0, bn.eps) for part in torch.split(x, sz)])
+        assert torch.equal(got, ref)
+        assert torch.allclose(got, copy.deepcopy(ref_bn)(x[: sz[0]]) if len(sz) == 1 else got)
+    assert torch.equal(bn.running_mean, before)
 
 
 def test_group_sizes_follow_tensor_split():

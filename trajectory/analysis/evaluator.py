@@ -459,7 +459,10 @@ class Evaluator:
                 rows_b = lines[1][uniq.to(lines[1].device)].to(self.device, self.dtype)
                 shared_lines = (rows_a, rows_b, inv, lines[3])
         groups = group_sizes(n, bn_batch) if policy == "train" else None
-        for s, e, sizes in self._chunks(n, self._samples_per_forward(kb, act), groups):
+        size = self._samples_per_forward(kb, act)
+        if groups is not None and strat.per_point:
+            size = min(size, 128)  # one BatchNorm group a forward when groups are large: no per-layer split/cat
+        for s, e, sizes in self._chunks(n, size, groups):
             xc = strat.adapt_input(x[s:e])
             shared = None
             if shared_lines is not None:
