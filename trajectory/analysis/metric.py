@@ -42,6 +42,9 @@ _BUILTIN = {
     "hessian_esd": "trajectory.analysis.metrics.curvature:HessianESD",
     "sharpness": "trajectory.analysis.metrics.curvature:Sharpness",
     "update_alignment": "trajectory.analysis.metrics.curvature:UpdateAlignment",
+    "gradients": "trajectory.analysis.metrics.gradients:Gradients",
+    "eigen_split": "trajectory.analysis.metrics.eigen_split:EigenSplit",
+    "per_layer": "trajectory.analysis.metrics.per_layer:PerLayer",
 }
 _REGISTERED: dict[str, type] = {}
 
