@@ -156,3 +156,4 @@ main.add_lazy_command("verify", ".verify:verify", "Check every chunk checksum an
 main.add_lazy_command("analyze", ".analyze:analyze", "Analyze: replay the recorded updates, measure the landscape.")
 main.add_lazy_command("show", ".analyze:show", "The summary table of a results file.")
 main.add_lazy_command("report", ".report:report", "Report: figures and one self-contained report.html.")
+main.add_lazy_command("line", ".line:line_command", "Loss on the straight line between two records (one or two archives).")
