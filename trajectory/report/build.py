@@ -19,6 +19,7 @@ from .errors import ReportError
 from .fig_barriers import barriers_figure
 from .fig_curvature import CURVATURE_METRICS, curvature_figure, esd_figure
 from .fig_dynamics import dynamics_figure
+from .fig_gradients import eigen_split_figure, gradients_figure, per_layer_figure
 from .fig_interpolation import floor_matches, interpolation_figure
 from .load import Run, load_runs
 from .options import DEFAULT_WINDOW_PAIRS, Window, parse_formats, parse_window
@@ -71,6 +72,23 @@ FIGURES: tuple[FigureSpec, ...] = (
         "Hessian eigenvalue density (stochastic Lanczos quadrature with Gaussian broadening) at up to six points per "
         "run, coloured by step.",
         ("hessian_esd",), lambda runs, window, max_pairs: esd_figure(runs)),
+    FigureSpec(
+        "gradients", "Gradient dynamics",
+        "At each record: norms of the full-batch gradient g and of the recorded minibatch's g_B, cos(Δθ, −g) and "
+        "cos(g_B, g), the gradient noise scale B_simple = tr(Σ)/‖g‖² (McCandlish et al. 2018), and the loss change "
+        "along the update against its first-order prediction g·Δθ (± 1 standard error over the evaluation samples).",
+        ("gradients",), lambda runs, window, max_pairs: gradients_figure(runs)),
+    FigureSpec(
+        "eigen_split", "Eigen-direction split",
+        "Each update split into its component in the top-k Hessian eigenspace at the record and the rest: the share "
+        "of its squared length in the top-k space, the loss change along each component alone, and the share of the "
+        "update's height each explains.",
+        ("eigen_split",), lambda runs, window, max_pairs: eigen_split_figure(runs)),
+    FigureSpec(
+        "per_layer", "Per-layer views",
+        "Per parameter group (archive layout order, shade by index): step length, distance from the first record, "
+        "and the loss change when that group alone moves along the update.",
+        ("per_layer",), lambda runs, window, max_pairs: per_layer_figure(runs)),
 )
 
 
