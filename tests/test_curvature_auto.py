@@ -328,6 +328,9 @@ def test_auto_records_its_choice_and_agrees_with_rev(archive, tmp_path, monkeypa
     assert seen["hessian_top"]["by"] == "auto" and seen["hessian_top"]["hvp"] in ("rev", "fwd")
     assert {k.split("/")[0] for k in seen["hessian_top"]["rates"]} == {"rev", "fwd"}
     assert seen["sharpness"] == seen["hessian_top"]  # measured once per run, shared
+    # the choice is stored with the table (outside the configuration), keyed by the run that computed the rows
+    stored = auto.tables["hessian_top"].replay
+    assert stored["1"]["hvp"] == seen["hessian_top"], stored
     rev = _run(archive, tmp_path / "rev.h5", ["hessian_top", "sharpness"], hvp="rev")
     assert seen["hessian_top"]["by"] == "option"
     assert auto.tables["hessian_top"].hash == rev.tables["hessian_top"].hash

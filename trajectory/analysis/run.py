@@ -317,8 +317,13 @@ def run_blocks(job: Job, instances: Mapping[str, Metric], *, assign: Callable[[s
                 if len(rows) != len(ready):
                     raise MetricError(f"metric {name!r} returned {len(rows)} rows for {len(ready)} units")
                 record = getattr(tables[name], "replay", None)  # see docs/results.md, "replay"
-                if inst.uses_data and job.strategy and name not in adopt and record is not None:
-                    record.setdefault(str(store.run), job.strategy)
+                if inst.uses_data and name not in adopt and record is not None:
+                    entry = record.setdefault(str(store.run), dict(job.strategy or {}))
+                    hvp = inst.choice() if callable(getattr(inst, "choice", None)) else None
+                    if hvp:  # curvature metrics: the Hessian-vector product mode and chunk this run chose
+                        entry["hvp"] = hvp
+                    if not entry:
+                        del record[str(store.run)]
                 for u, row in zip(ready, rows):
                     far = u[0] + (u[1] if len(u) > 1 else 1)
                     meta = (int(steps[u[0]]), int(steps[min(far, len(steps) - 1)]))
