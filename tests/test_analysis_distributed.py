@@ -236,8 +236,10 @@ def test_data_parallel_curvature_matches_single_process(archive, tmp_path):
             options={"k": 2, "at": "record"}, distributed=False)
     out = tmp_path / "data.h5"
     p = _torchrun(2, [archive, "--out", str(out), *kw, "--curvature-split", "data", "-q"])
-    _, stderr = p.communicate(timeout=300)
+    stdout, stderr = p.communicate(timeout=300)
     assert p.returncode == 0, stderr[-3000:]
+    # 3 pairs x (interpolation, floor, hessian_top): the curvature rows every rank computes count once
+    assert re.search(r"^9 rows computed", stdout, re.M), stdout
     got, want = _tables(out), _tables(ref)
     key = next(k for k in want if k[0] == "hessian_top")
     a, b = got[key].arrays(), want[key].arrays()

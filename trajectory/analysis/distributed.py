@@ -312,7 +312,9 @@ class TorchrunRunner:
             self.part = None
             part.close()
             totals = dist.all_gather(computed)
-            total = {n: sum(t.get(n, 0) for t in totals) for n in instances}
+            # under --curvature-split data every rank computes the same curvature rows (on its share of the data):
+            # count them once, not once per rank
+            total = {n: (totals[0].get(n, 0) if n in data_split else sum(t.get(n, 0) for t in totals)) for n in instances}
             dist.barrier()
             summary: dict = {}
             if dist.rank == 0:
