@@ -146,6 +146,7 @@ def analyze(
         replay = open_replay(traj, pairs, evaluator, evdata, eval_spec, bn_eff, opts, tables, block_pairs=block_pairs,
                              max_span=max_span)
         records = replay.records
+        replay.source = source  # metrics that need the training split under any --eval (gradients' g_B) load it lazily
         pending, _ = missing_units(plan.instances, tables, pairs)
         evaluates = any(pending[n] and inst.uses_data for n, inst in plan.instances.items())
         calib = calibrate(evaluator, evdata) if evaluates else {}

@@ -11,8 +11,8 @@ through :func:`~trajectory.analysis.curvature.objective.objective_for`):
 ``loss``            L(θ_i)
 ``grad_norm``       ‖g‖, g = ∇L(θ_i) on the evaluation data
 ``grad_b_norm``     ‖g_B‖, g_B the gradient on the pair's recorded minibatch (training split; NaN when the pair spans
-                    several updates, the archive records no indices, or the training split is not loaded, i.e.
-                    under ``--eval test``)
+                    several updates or the archive records no indices; the training split is loaded once
+                    when the evaluation data are not drawn from it)
 ``cos_update``      cos(Δθ, −g), Δθ = θ_{i+1} − θ_i (parameters)
 ``cos_gb_g``        cos(g_B, g)
 ``trace_sigma``     tr(Σ), Σ the covariance of one sample's gradient: from per-sample gradients
@@ -56,13 +56,36 @@ def minibatch(ctx: Any, pair: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     if getattr(ctx, "eval", None) is not None and ctx.eval.kind == "minibatch":
         return ctx.data(pair)
     steps = ctx.steps
-    if pair + 1 >= len(steps) or steps[pair + 1] - steps[pair] != 1 or getattr(run, "train_x", None) is None:
+    if pair + 1 >= len(steps) or steps[pair + 1] - steps[pair] != 1:
+        return None
+    train = _train_split(ctx, run)
+    if train is None:
         return None
     idx = run.traj.batch_indices(int(pair))
     if idx is None or len(idx) == 0:
         return None
-    t = torch.as_tensor(np.asarray(idx), device=run.train_x.device)
-    return run.train_x[t], run.train_y[t]
+    if int(np.max(idx)) >= len(train[0]):
+        raise AnalysisError(f"recorded batch index {int(np.max(idx))} exceeds the training split ({len(train[0])} samples); "
+                            "is this the data the run was trained on?")
+    t = torch.as_tensor(np.asarray(idx), device=train[0].device)
+    return train[0][t], train[1][t]
+
+
+def _train_split(ctx: Any, run: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The training split on the device (the replay's, or loaded once from the run's data source and kept)."""
+    if getattr(run, "train_x", None) is not None:
+        return run.train_x, run.train_y
+    cached = getattr(run, "_gradients_train", None)
+    if cached is not None:
+        return cached
+    source = getattr(run, "source", None)
+    if source is None:
+        return None
+    x, y = source.tensors("train")
+    dev, dt = ctx.device, ctx.dtype
+    to = lambda t: t.to(dev, dt) if t.is_floating_point() else t.to(dev)  # noqa: E731
+    run._gradients_train = (to(x), to(y))
+    return run._gradients_train
 
 
 class _DataView:
