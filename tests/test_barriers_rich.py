@@ -19,6 +19,12 @@ from trajectory.analysis.metrics.barriers import Barriers, floor_peaks, path_bar
 
 from test_analysis_closed_form import _Landscape, _record, _rows
 
+try:
+    import trajectory.analysis.stderr  # noqa: F401 - issue 13 item 1
+    HAVE_SE = True
+except ImportError:  # pragma: no cover
+    HAVE_SE = False
+
 
 class _Bowl(nn.Module):
     """MSE against zero targets of sqrt(w0² + w1²): the loss is the bowl w0² + w1²."""
@@ -56,7 +62,10 @@ def test_bowl_path_between_floors_dips_by_exactly_one_half(tmp_path):
     beta = np.linspace(0, 1, 11)
     np.testing.assert_allclose(b["path_loss"], beta ** 2 + (1 - beta) ** 2, rtol=1e-8)
     assert b["floor_a"] == pytest.approx(1.0, rel=1e-9) and b["height_a"] == pytest.approx(2.0 - 1.0, rel=1e-8)
-    assert math.isnan(b["barrier_se"]) and math.isnan(b["dip_se"])  # no SE API in this build's evaluation
+    if HAVE_SE:  # every sample has the same loss here: the paired errors are exactly 0
+        assert b["barrier_se"] == 0.0 and b["dip_se"] == 0.0
+    else:  # no per-unit losses in this build's evaluation
+        assert math.isnan(b["barrier_se"]) and math.isnan(b["dip_se"])
     (bt,) = [t for t in rep.summary["tables"] if t["metric"] == "barriers"]
     # unit (1, 1): (1, 0) -> pair 2's floor at its start (1, −1) climbs monotonically: no dip
     assert bars[(1, 1)]["dip"] == pytest.approx(0.0, abs=1e-12) and not bars[(1, 1)]["has_dip"]
@@ -82,19 +91,26 @@ def test_two_basin_floors_have_a_barrier_and_no_dip_and_thresholds_decide(tmp_pa
     assert bars[(0, 2)]["has_barrier"]
     _, bars, _ = _run(tmp_path / "d", lambda: _Landscape(True), ws, barrier_tol=5.3, tol_kind="rel")
     assert not bars[(0, 2)]["has_barrier"]
+    if HAVE_SE:  # identical per-sample losses: SE 0, so any positive barrier is τ standard errors above 0
+        _, bars, _ = _run(tmp_path / "e", lambda: _Landscape(True), ws, barrier_tol=3.0, tol_kind="se")
+        assert bars[(0, 2)]["has_barrier"] and not bars[(0, 1)]["has_barrier"]
 
 
 @pytest.fixture
 def tmp_path(tmp_path):  # noqa: F811 - subdirectories for the repeated runs
-    for sub in "abcd":
+    for sub in "abcde":
         (tmp_path / sub).mkdir()
     return tmp_path
 
 
-def test_se_thresholds_without_the_se_api_and_bad_options_are_one_line_errors(tmp_path):
-    ws = [(-1.2, 0.0), (-0.8, 0.0), (0.8, 0.0), (1.2, 0.0)]
+def test_se_thresholds_without_the_se_api_and_bad_options_are_one_line_errors():
+    class OldCtx(_FakeCtx):
+        def evaluate_lines(self, lines):  # an evaluation without per-unit losses
+            return super().evaluate_lines(lines)
+
     with pytest.raises(AnalysisError, match="tol_kind=se needs paired standard errors"):
-        _run(tmp_path, lambda: _Landscape(True), ws, tol_kind="se")
+        Barriers(barrier_points=5, tol_kind="se").compute(OldCtx({0: np.ones(5)}), [(0, 1)])
+    assert Barriers(barrier_points=5).compute(OldCtx({0: np.ones(5)}), [(0, 1)])[0]["barrier"] == 0.0
     with pytest.raises(AnalysisError, match="tol_kind 'sd'"):
         Barriers(tol_kind="sd")
     with pytest.raises(AnalysisError, match="barrier_tol"):
@@ -102,16 +118,21 @@ def test_se_thresholds_without_the_se_api_and_bad_options_are_one_line_errors(tm
 
 
 class _FakeCtx:
-    """Just enough of a replay context for Barriers.compute: floors at records, fixed paths, a paired-SE API."""
+    """Just enough of a replay context for Barriers.compute: floors at records, fixed paths, per-unit losses whose
+    means are the paths (the evaluation's ``units=True`` API of issue 13 item 1)."""
 
-    def __init__(self, paths):
+    def __init__(self, paths, units=40):
+        rng = np.random.default_rng(0)
         self.paths = paths
-        self.calls = []
+        self.per = {}
+        for t, loss in paths.items():
+            z = rng.standard_normal((len(loss), units)) * 0.3
+            self.per[t] = loss[:, None] + z - z.mean(axis=1, keepdims=True)
 
     def rows(self, metric, pairs):
         n = len(pairs)
         return {"a_star": np.zeros(n), "floor_loss": np.arange(n, dtype=float), "height": np.full(n, 0.5),
-                "floor_loss_se": np.full(n, 0.01)}
+                "floor_se": np.full(n, 0.01)}
 
     def state(self, i):
         return torch.tensor([float(i)])
@@ -119,25 +140,34 @@ class _FakeCtx:
     def line(self, a, b, ts):
         return [a]
 
-    def evaluate_lines(self, lines):
-        return [(self.paths[int(line[3])], None) for line in lines]
+    def evaluate_lines(self, lines, units=False):
+        return [(self.paths[int(l[3])], None, self.per[int(l[3])]) if units else (self.paths[int(l[3])], None)
+                for l in lines]
 
-    def difference_se(self, line, i, j):
-        self.calls.append((int(line[3]), i, j))
-        return 0.1
+
+def _paired_se_brute(u1, u2):
+    d = [float(a) - float(b) for a, b in zip(u1, u2)]
+    m = sum(d) / len(d)
+    return math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1)) / math.sqrt(len(d))
 
 
 def test_se_thresholds_use_the_paired_se_of_the_right_points():
-    up = np.array([1.0, 1.3, 1.05, 1.0, 1.2])  # barrier 0.1 above the higher end (1.2) at index 1; dip 0
-    down = np.array([1.0, 0.5, 0.7, 0.95, 0.9])  # dip 0.4 below the lower end (0.9, the last point) at index 1
+    up = np.array([1.0, 1.3, 1.05, 1.0, 1.2])  # barrier 0.1 above the higher end (1.2, index 4) at index 1; dip 0
+    down = np.array([1.0, 0.5, 0.7, 0.95, 0.9])  # dip 0.4 below the lower end (0.9, index 4) at index 1; barrier 0
     ctx = _FakeCtx({0: up, 1: down})
-    m = Barriers(barrier_points=5, tol_kind="se", barrier_tol=2.0)
-    r_up, r_down = m.compute(ctx, [(0, 1), (1, 1)])
-    assert r_up["barrier"] == pytest.approx(0.1) and r_up["barrier_se"] == 0.1
-    assert not r_up["has_barrier"]  # 0.1 is not above 2 SE = 0.2
-    assert r_down["dip"] == pytest.approx(0.4) and r_down["has_dip"]  # 0.4 > 0.2
-    # barrier: max point vs the higher end; dip: the lower end vs the min point
-    assert ctx.calls == [(0, 1, 4), (0, 0, 0), (1, 0, 0), (1, 4, 1)]  # a zero barrier/dip: its extremum is an end
+    pytest.importorskip("trajectory.analysis.stderr")
+    se_b = _paired_se_brute(ctx.per[0][1], ctx.per[0][4])  # barrier: path maximum vs the higher end
+    se_d = _paired_se_brute(ctx.per[1][4], ctx.per[1][1])  # dip: the lower end vs the path minimum
+    for tau, has_b, has_d in [(0.9 * 0.1 / se_b, True, None), (1.1 * 0.1 / se_b, False, None)]:
+        r_up, r_down = Barriers(barrier_points=5, tol_kind="se", barrier_tol=tau).compute(ctx, [(0, 1), (1, 1)])
+        assert r_up["barrier"] == pytest.approx(0.1) and r_up["has_barrier"] is has_b
+    assert r_up["barrier_se"] == pytest.approx(se_b, rel=1e-12)
+    assert r_down["dip"] == pytest.approx(0.4) and r_down["dip_se"] == pytest.approx(se_d, rel=1e-12)
+    r_down = Barriers(barrier_points=5, tol_kind="se", barrier_tol=0.99 * 0.4 / se_d).compute(ctx, [(1, 1)])[0]
+    assert r_down["has_dip"]
+    r_down = Barriers(barrier_points=5, tol_kind="se", barrier_tol=1.01 * 0.4 / se_d).compute(ctx, [(1, 1)])[0]
+    assert not r_down["has_dip"]
+    assert r_up["dip_se"] == pytest.approx(0.0, abs=1e-15)  # zero dip: its minimum is an end, paired with itself
     assert r_up["floor_a_se"] == 0.01
 
 

@@ -19,8 +19,9 @@ Thresholds (``barrier_tol`` = τ, ``tol_kind``) decide ``has_barrier``, ``has_di
 * ``abs`` (default, today's behaviour): the value must exceed τ nats;
 * ``rel``: τ × the floor height of pair t (``height_a``; for a peak, the height of the peak's pair);
 * ``se``:  τ standard errors of the value. Barrier/dip SEs are paired SEs of the loss difference on the
-  same samples, from the standard-error API of the evaluation (``ctx.difference_se``; issue 13 item 1);
-  a peak's SE is sqrt(se_peak² + se_base²) of the floor losses (``floor_loss_se`` of the floor table),
+  same units, sd(u_max − u_end)/sqrt(U) from the per-unit losses of ``ctx.evaluate_lines(..., units=True)``
+  (:mod:`~trajectory.analysis.stderr`: samples, or BatchNorm groups under ``--bn train``);
+  a peak's SE is sqrt(se_peak² + se_base²) of the floor losses (``floor_se`` of the floor table),
   conservative since floors on the same samples are positively correlated. Without that API the ``se``
   kind is refused with one error line.
 
@@ -29,11 +30,12 @@ Units are (t, k) with both pair t and pair t+k among the selected pairs (k count
 Columns: ``barrier``, ``has_barrier``, ``beta_max`` (position of the path maximum in [0, 1]), ``dip``,
 ``has_dip``, ``beta_min``, ``barrier_se``, ``dip_se`` (NaN without the SE API), ``floor_a``, ``floor_b``
 (floor losses of pairs t and t+k), ``height_a``, ``height_b`` (their floor heights), ``floor_a_se``,
-``floor_b_se`` (the floor table's ``floor_loss_se`` where it has one, else NaN), ``path_loss``
+``floor_b_se`` (the floor table's ``floor_se`` where it has one, else NaN), ``path_loss``
 (barrier_points,), ``nonfinite``.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Mapping, Sequence
 
@@ -44,9 +46,24 @@ from ..errors import AnalysisError
 from ..metric import Metric
 from ..options import parse_spans
 
+try:  # paired standard errors (issue 13 item 1); absent from builds before it
+    from ..stderr import diff_se
+except ImportError:  # pragma: no cover - only in builds without the SE module
+    diff_se = None
+
 __all__ = ["Barriers", "TOL_KINDS", "path_barrier_dip", "floor_peaks", "threshold"]
 
 TOL_KINDS = ("abs", "rel", "se")
+
+
+def _has_units(ctx: Any) -> bool:
+    """Whether the evaluation returns per-unit losses (``evaluate_lines(..., units=True)``) for paired SEs."""
+    if diff_se is None:
+        return False
+    try:
+        return "units" in inspect.signature(ctx.evaluate_lines).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
 
 
 def _col(rows: Mapping[str, np.ndarray], name: str, k: int) -> float:
@@ -136,8 +153,8 @@ class Barriers(Metric):
     def compute(self, ctx: Any, units: Sequence[tuple[int, ...]]) -> list[dict[str, Any]]:
         o = self.options
         n, kind, tol = o["barrier_points"], o["tol_kind"], o["barrier_tol"]
-        se_fn = getattr(ctx, "difference_se", None)  # issue 13 item 1's paired-SE API, once it lands
-        if kind == "se" and se_fn is None:
+        with_units = _has_units(ctx)
+        if kind == "se" and not with_units:
             raise AnalysisError("tol_kind=se needs paired standard errors, which this build's evaluation does not provide; "
                                 "use tol_kind=abs or rel")
         betas = np.linspace(0.0, 1.0, n)
@@ -149,7 +166,7 @@ class Barriers(Metric):
             a1, a2 = float(ra["a_star"][k]), float(rb["a_star"][k])
             fl = (float(ra["floor_loss"][k]), float(rb["floor_loss"][k]))
             ht = (float(ra["height"][k]), float(rb["height"][k]))
-            fse = (_col(ra, "floor_loss_se", k), _col(rb, "floor_loss_se", k))
+            fse = (_col(ra, "floor_se", k), _col(rb, "floor_se", k))
             if not (np.isfinite(a1) and np.isfinite(a2)):
                 rows[k] = self._nan_row(n, fl, ht, fse)
                 continue
@@ -158,15 +175,18 @@ class Barriers(Metric):
             phi_b = ctx.line(ctx.state(t2), ctx.state(t2 + 1), [a2])[0]
             lines.append((phi_a, phi_b, betas, t))
             idx.append((k, fl, ht, fse))
-        for (k, fl, ht, fse), line, (loss, _acc) in zip(idx, lines, ctx.evaluate_lines(lines)):
+        results = ctx.evaluate_lines(lines, units=True) if with_units else ctx.evaluate_lines(lines)
+        for (k, fl, ht, fse), res in zip(idx, results):
+            loss = res[0]
             if not np.all(np.isfinite(loss)):
                 rows[k] = self._nan_row(n, fl, ht, fse, loss)
                 continue
             b, jmax, d, jmin = path_barrier_dip(loss)
             hi_end = 0 if loss[0] >= loss[-1] else n - 1  # the end the barrier is measured from
             lo_end = 0 if loss[0] <= loss[-1] else n - 1  # the end the dip is measured from
-            b_se = float(se_fn(line, jmax, hi_end)) if se_fn is not None else float("nan")
-            d_se = float(se_fn(line, lo_end, jmin)) if se_fn is not None else float("nan")
+            per = res[2] if with_units and len(res) > 2 else None
+            b_se = float(diff_se(per[jmax], per[hi_end])) if per is not None else float("nan")
+            d_se = float(diff_se(per[lo_end], per[jmin])) if per is not None else float("nan")
             rows[k] = {
                 "barrier": b, "has_barrier": bool(b > threshold(kind, tol, ht[0], b_se)), "beta_max": float(betas[jmax]),
                 "dip": d, "has_dip": bool(d > threshold(kind, tol, ht[0], d_se)), "beta_min": float(betas[jmin]),
