@@ -26,7 +26,11 @@ SAMPLE = os.path.join(HERE, "..", "sample_data", "mnist1d_mlp.h5")
 #: with the reason. Their old rows, and those of metrics that require them, are rightly not reused. An entry here
 #: is a decision to recompute that metric for every existing results file; nothing else may stop being reused.
 DELIBERATE_BUMPS: dict[str, str] = {
+    "interpolation": "v2 (issue 13 item 1-2): loss_se column; --bn train groups are true batches of a seeded permutation",
+    "floor": "v2 (issue 13 item 1): floor_se, loss_a_se, loss_b_se, height_se, height_start_se, height_max_se columns",
     "barriers": "v2 (issue 13 item 4): dip, beta_min, has_dip, barrier_se/dip_se, floor_a/b, height_a/b, floor_*_se columns",
+    "hessian_top": "v2 (issue 13 item 5): eos_ratio momentum-aware, lambda_max*lr/(2 + 2*beta); momentum, eos_threshold columns",
+    "sharpness": "v2 (issue 13 item 5): eos_ratio momentum-aware, lambda_max*lr/(2 + 2*beta); momentum, eos_threshold columns",
 }
 
 

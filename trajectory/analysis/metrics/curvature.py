@@ -22,14 +22,22 @@ the work in sample-forward equivalents, and every loss, gradient and HVP is repo
 ``ctx.evaluator.on_samples`` as it happens (progress).
 
 ``hessian_top``   columns ``eigenvalues`` (k,), ``residuals`` (k,) = ‖Hv − λv‖ (explicit), ``lambda_max``
-                  (= eigenvalues[0]), ``lr``, ``eos_ratio`` = λ_max·lr/2, ``loss``, ``a``, ``iters``,
+                  (= eigenvalues[0]), ``lr``, ``eos_ratio``, ``momentum``, ``eos_threshold``, ``loss``, ``a``, ``iters``,
                   ``matvecs``, ``converged``; ``eigenvectors`` (k·n_params,) only with ``store_vectors``.
 ``hessian_trace`` ``trace``, ``trace_se``, ``trace_per_param``, ``matvecs``, ``loss``, ``a``.
 ``hessian_esd``   ``density`` (grid,), ``grid_lo``, ``grid_hi``, ``sigma``, ``nodes`` and ``weights``
                   (esd_probes·esd_iters,; NaN/0 padding), ``moment1``, ``moment2`` (of the quadrature,
                   estimates of tr(H)/n and tr(H²)/n), ``ritz_min``, ``ritz_max``, ``matvecs``, ``a``.
 ``sharpness``     ``loss``, ``eps_sharpness`` (Keskar, percent), ``eps_increase``, ``gauss_increase``,
-                  ``gauss_se``, ``lambda_max``, ``lambda_residual``, ``lr``, ``eos_ratio``, ``a``.
+                  ``gauss_se``, ``lambda_max``, ``lambda_residual``, ``lr``, ``eos_ratio``, ``momentum``,
+                  ``eos_threshold``, ``a``.
+
+Edge of stability: ``eos_threshold`` is the curvature at which SGD with the recorded momentum β turns unstable,
+(2 + 2β)/lr for heavy ball (Cohen et al. 2021, "Gradient descent on neural networks typically occurs at the edge
+of stability", appendix on momentum; dampening and Nesterov in :func:`~trajectory.analysis.curvature.sharpness.
+eos_critical_step`), 2/lr without momentum; ``eos_ratio`` = λ_max/eos_threshold = λ_max·lr/(2 + 2β), 1 at the edge.
+β comes from the archive's ``optimizer`` attribute (first parameter group); NaN (and threshold 2/lr) for recorded
+optimizers other than SGD.
 """
 from __future__ import annotations
 
@@ -43,7 +51,7 @@ from ..curvature.autotune import apply, measure
 from ..curvature.linalg import gaussian_density, hutchinson, hutchpp, slq, top_eigen
 from ..curvature.objective import COST_GRAD, COST_HVP, COST_LOSS, HVP_MODES, OPERATORS, objective_for
 from ..curvature.runcache import fingerprint, run_cache
-from ..curvature.sharpness import eps_sharpness, gaussian_increase
+from ..curvature.sharpness import eos_critical_step, eps_sharpness, gaussian_increase, sgd_momentum
 from ..errors import AnalysisError
 from ..metric import Metric
 
@@ -225,6 +233,26 @@ def _samples(ctx: Any, pair: int) -> int:
     return 0 if data is None else len(data[0])
 
 
+def recorded_optimizer(ctx: Any) -> Any:
+    """The archive's ``optimizer`` attribute (class and hyperparameters, :func:`trajectory.recorder.optimizer_info`);
+    "" when none was recorded. ``ctx.optimizer`` if the context offers it, else the replay's archive."""
+    opt = getattr(ctx, "optimizer", None)
+    if opt is None:
+        traj = getattr(getattr(ctx, "_run", None), "traj", None)
+        opt = traj.attrs.get("optimizer", "") if traj is not None else ""
+    return opt() if callable(opt) else opt
+
+
+def eos_columns(ctx: Any, lam: float, lr: float) -> dict[str, float]:
+    """``momentum`` β, ``eos_threshold`` (the λ at which SGD with the recorded momentum turns unstable:
+    (2 + 2β)/lr for heavy ball, :func:`~trajectory.analysis.curvature.sharpness.eos_critical_step`) and
+    ``eos_ratio`` = λ / eos_threshold. Optimizers other than SGD get β = NaN and the plain-SGD threshold 2/lr."""
+    mom = sgd_momentum(recorded_optimizer(ctx))
+    beta, crit = (math.nan, 2.0) if mom is None else (mom[0], eos_critical_step(*mom))
+    thr = crit / lr if lr > 0 else math.nan
+    return {"momentum": beta, "eos_threshold": thr, "eos_ratio": lam / thr if thr > 0 else math.nan}
+
+
 def _med(x) -> float:
     x = np.asarray(x, dtype=np.float64)
     x = x[np.isfinite(x)]
@@ -266,7 +294,7 @@ class _TopEigen(_Curvature):
 
 class HessianTop(_TopEigen):
     name = "hessian_top"
-    version = 1
+    version = 2  # 2: eos_ratio momentum-aware (λ·lr/(2 + 2β) for heavy ball), momentum and eos_threshold columns
     tag = 1
     defaults = {**_COMMON, **_EIGEN, "store_vectors": False}
     description = "top-k Hessian eigenvalues by Lanczos, residuals, edge-of-stability ratio"
@@ -284,7 +312,7 @@ class HessianTop(_TopEigen):
         row = {
             "eigenvalues": self.padded(r.values),
             "residuals": self.padded(r.residuals),
-            "lambda_max": lam, "lr": lr, "eos_ratio": lam * lr / 2.0, "loss": obj.loss(p), "a": a,
+            "lambda_max": lam, "lr": lr, **eos_columns(ctx, lam, lr), "loss": obj.loss(p), "a": a,
             "iters": int(r.iters), "matvecs": int(r.matvecs), "converged": bool(r.converged),
         }
         if o["store_vectors"]:
@@ -296,7 +324,7 @@ class HessianTop(_TopEigen):
     def nan_row(self, ctx, a):
         k, nan = self.options["k"], float("nan")
         row = {"eigenvalues": np.full(k, nan), "residuals": np.full(k, nan), "lambda_max": nan, "lr": nan,
-               "eos_ratio": nan, "loss": nan, "a": a, "iters": 0, "matvecs": 0, "converged": False}
+               "eos_ratio": nan, "momentum": nan, "eos_threshold": nan, "loss": nan, "a": a, "iters": 0, "matvecs": 0, "converged": False}
         if self.options["store_vectors"]:
             row["eigenvectors"] = np.full(k * ctx.n_params, nan)
         return row
@@ -424,7 +452,7 @@ class HessianESD(_Curvature):
 
 class Sharpness(_Curvature):
     name = "sharpness"
-    version = 1
+    version = 2  # 2: eos_ratio momentum-aware (λ·lr/(2 + 2β) for heavy ball), momentum and eos_threshold columns
     tag = 4
     defaults = {**_COMMON, "eps": 1e-3, "ascent_steps": 10, "noise_scale": 0.01, "noise_draws": 8, "iters": 100, "tol": 1e-4}
     description = "Keskar ε-sharpness, Gaussian-perturbation loss increase, λ_max and the edge-of-stability ratio"
@@ -458,7 +486,7 @@ class Sharpness(_Curvature):
         lr = ctx.lr(pair)
         lam = float(r.values[0])
         return {"loss": base, "eps_sharpness": keskar, "eps_increase": inc, "gauss_increase": gi, "gauss_se": gse,
-                "lambda_max": lam, "lambda_residual": float(r.residuals[0]), "lr": lr, "eos_ratio": lam * lr / 2.0, "a": a}
+                "lambda_max": lam, "lambda_residual": float(r.residuals[0]), "lr": lr, **eos_columns(ctx, lam, lr), "a": a}
 
     def unit_cost(self, n_samples: int, n_params: int) -> float:
         o = self.options
@@ -469,7 +497,7 @@ class Sharpness(_Curvature):
     def nan_row(self, ctx, a):
         nan = float("nan")
         return {k: nan for k in ("loss", "eps_sharpness", "eps_increase", "gauss_increase", "gauss_se", "lambda_max",
-                                 "lambda_residual", "lr", "eos_ratio")} | {"a": a}
+                                 "lambda_residual", "lr", "eos_ratio", "momentum", "eos_threshold")} | {"a": a}
 
     def summarize(self, rows):
         s = rows.get("eps_sharpness", [])
