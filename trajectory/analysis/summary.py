@@ -8,7 +8,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import MetricError
+from .errors import AnalysisError, MetricError
+from .heights import height_split
 from .metric import get_metric
 from .results import ResultsFile, Table
 
@@ -33,6 +34,17 @@ def _describe(cfg: dict) -> str:
     return " ".join(p for p in parts if p)
 
 
+def _metric_for(t: Table) -> Any:
+    """The metric configured as the table was computed (its stored options, e.g. the interpolation grid, which
+    the summary needs to read a = 0); the defaults when the stored options no longer validate."""
+    cls = get_metric(t.metric)
+    opts = t.config.get("options", {}) if isinstance(t.config, dict) else {}
+    try:
+        return cls(**{k: v for k, v in opts.items() if k in cls.defaults})
+    except (AnalysisError, TypeError, ValueError):
+        return cls()
+
+
 def summarize_tables(store: ResultsFile, tables: Sequence[Table]) -> dict[str, Any]:
     out = {
         "results": os.path.abspath(store.path),
@@ -53,7 +65,9 @@ def summarize_tables(store: ResultsFile, tables: Sequence[Table]) -> dict[str, A
             "step_max": int(arr["step_b"].max()) if len(t) else None,
         }
         try:
-            entry["summary"] = get_metric(t.metric)().summarize(arr) if len(t) else {}
+            entry["summary"] = _metric_for(t).summarize(arr) if len(t) else {}
+            if t.metric == "floor" and len(t) and "interior" in arr:
+                entry["summary"].update(height_split(arr))
         except MetricError:
             entry["summary"] = {"note": f"metric {t.metric!r} is not installed here; rows only"}
         out["tables"].append(entry)
@@ -77,7 +91,12 @@ _LABELS = {
     "convex_interior_fraction": "convex+interior",
     "convex_fraction": "convex",
     "interior_fraction": "interior",
-    "median_height": "median height",
+    "median_height": "median height (all)",
+    "interior_pairs": "interior pairs",
+    "median_interior_height": "median interior height",
+    "descent_pairs": "descent steps",
+    "median_descent_step": "median descent step",
+    "floor_peaks_above_tol": "floor peaks above tol",
     "median_a_star": "median a*",
     "nonfinite_pairs": "nonfinite",
     "median_step_length": "median step",

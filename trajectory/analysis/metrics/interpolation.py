@@ -35,6 +35,8 @@ class Interpolation(Metric):
         loss = rows["loss"]
         if len(loss) == 0:
             return {}
-        with np.errstate(all="ignore"):
+        al = [float(v) for v in self.options["alphas"]]
+        start = loss[:, al.index(0.0)] if 0.0 in al and len(al) == loss.shape[1] else np.full(len(loss), np.nan)
+        with np.errstate(all="ignore"):  # L(θ_t) is the grid point a = 0, not the first one (--alphas=-0.5:1.5:41)
             return {"nonfinite_pairs": int((~np.isfinite(loss)).any(axis=1).sum()),
-                    "median_loss_start": float(np.nanmedian(loss[:, 0])) if np.isfinite(loss[:, 0]).any() else float("nan")}
+                    "median_loss_start": float(np.nanmedian(start)) if np.isfinite(start).any() else float("nan")}
