@@ -91,9 +91,16 @@ class PerLayer(Metric):
         return float(len(units) * g * len(self.options["layer_alphas"]) * ctx.eval_size)
 
     def summarize(self, rows: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """Which group moves most and which carries the largest loss drop (layout indices; medians over pairs)."""
         st = np.asarray(rows.get("step_length", []), dtype=np.float64)
-        if len(st) == 0:
+        if len(st) == 0 or st.ndim != 2:
             return {}
         with np.errstate(all="ignore"):
-            return {"median_step_length": [float(v) for v in np.nanmedian(st, axis=0)],
-                    "median_layer_height": [float(v) for v in np.nanmedian(np.asarray(rows["layer_height"]), axis=0)]}
+            ms = np.nanmedian(st, axis=0)
+            mh = np.nanmedian(np.asarray(rows["layer_height"], dtype=np.float64), axis=0)
+        out: dict[str, Any] = {"groups": int(st.shape[1])}
+        if np.isfinite(ms).any():
+            out["longest_step_group"] = int(np.nanargmax(ms))
+        if np.isfinite(mh).any():
+            out["largest_drop_group"] = int(np.nanargmin(mh))
+        return out
