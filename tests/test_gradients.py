@@ -113,3 +113,23 @@ def test_issue14_metrics_under_torchrun_equal_one_process(tmp_path):
     got = _tables(out)
     _assert_same(got, _tables(ref), metrics=("gradients", "eigen_split", "per_layer"))
     assert {k[0] for k in got} >= {"gradients", "eigen_split", "per_layer"}
+
+
+def test_batchnorm_train_minibatch_replays_the_recorded_update(tmp_path):
+    """BatchNorm model trained in train mode: under --eval minibatch --bn train, g is exactly the gradient the
+    optimizer used, so cos(Δθ, −g) = 1 and Δθ = −lr·g; per-sample noise is undefined there (NaN), per-batch works."""
+    arch = record_mlp(tmp_path / "bn.h5", steps=3, lr=0.2, seed=4, batchnorm=True)
+    out = tmp_path / "r.h5"
+    analyze(arch, out, metrics=["gradients"], eval="minibatch", bn="train", dtype="float64")
+    got = _rows(out)
+    np.testing.assert_allclose(got["cos_update"], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(got["grad_b_norm"], got["grad_norm"], rtol=1e-12)
+    with Trajectory(arch) as traj:
+        for r, i in enumerate(got["pair"]):
+            step = float((traj.params(int(i) + 1).double() - traj.params(int(i)).double()).norm())
+            np.testing.assert_allclose(step, 0.2 * got["grad_norm"][r], rtol=1e-5)
+    assert np.isnan(got["b_simple"]).all()
+    out2 = tmp_path / "r2.h5"
+    analyze(arch, out2, metrics=["gradients"], eval="subset:120", bn="train", dtype="float64",
+            options={"noise": "batch", "noise_batch": 20})
+    assert np.isfinite(_rows(out2)["b_simple"]).all()
