@@ -31,7 +31,7 @@ import torch
 from ..curvature.objective import COST_LOSS
 from ..errors import AnalysisError
 from ..options import parse_alphas
-from .curvature import _COMMON, _EIGEN, HessianTop, _med, _TopEigen
+from .curvature import _COMMON, _EIGEN, HessianTop, _med, _samples, _TopEigen
 
 __all__ = ["EigenSplit"]
 
@@ -71,6 +71,7 @@ class EigenSplit(_TopEigen):
             st[:, :n] = sa[:n].unsqueeze(0) + w * comp.to(sa.device, sa.dtype).unsqueeze(0)
             comps.append(st)
         loss, _ = ctx.evaluate(torch.cat([seg, *comps]), pair)
+        self._external += float(3 * len(al) * _samples(ctx, pair))  # reported by the evaluator: no top-up for them
         k = len(al)
         lf, lt, lr = loss[:k], loss[k : 2 * k], loss[2 * k :]
         base = lf[list(al).index(0.0)]
