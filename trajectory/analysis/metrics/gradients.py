@@ -40,6 +40,9 @@ from ..metric import Metric
 
 __all__ = ["Gradients", "unit_gradient_moments", "minibatch"]
 
+#: gradient elements one pass of per-unit gradients may hold (chunk x n_params), bounding memory on large models
+_GRAD_BUDGET = 1 << 25
+
 _COLUMNS = ("loss", "grad_norm", "grad_b_norm", "cos_update", "cos_gb_g", "trace_sigma", "b_simple", "pred_change",
             "pred_change_se", "actual_change", "noise_units")
 
@@ -126,7 +129,8 @@ def unit_gradient_moments(obj: Any, p: torch.Tensor, d: torch.Tensor, batch: int
     x, y = obj.x[: m * b], obj.y[: m * b]
     xs = x.reshape(m, b, *x.shape[1:])
     ys = y.reshape(m, b, *y.shape[1:])
-    chunk = max(1, int(obj.chunk) // b)
+    # units per pass: the objective's activation chunk, and at most _GRAD_BUDGET gradient elements held at once
+    chunk = max(1, min(int(obj.chunk) // b, _GRAD_BUDGET // max(1, p.numel())))
     for s in range(0, m, chunk):
         if b == 1 or obj.bn != "train":
             G = gfun(p.detach(), xs[s : s + chunk], ys[s : s + chunk])
