@@ -48,8 +48,15 @@ def record_mlp(path, steps: int = 12, *, lr: float = 0.2, batch: int = 32, seed:
 
 
 def brute_force(model: nn.Module, sa: dict, sb: dict, alphas, x, y, *, bn: str = "eval", bn_batch: int | None = None,
-                loss: str = "cross_entropy"):
-    """Plain float64 reference: load_state_dict per point and run model(x)."""
+                loss: str = "cross_entropy", bn_seed: int = 2):
+    """Plain float64 reference: load_state_dict per point and run model(x). Under bn='train' the samples are
+    grouped as the analyzer does: true batches of bn_batch from torch.randperm seeded bn_seed (the analyzer's
+    subset_seed + 2), the remainder dropped."""
+    if bn == "train" and bn_batch:
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(bn_seed))
+        if len(x) >= bn_batch:
+            perm = perm[: (len(x) // bn_batch) * bn_batch]
+        x, y = x[perm], y[perm]
     model = model.double()
     out_l, out_a = [], []
     for a in alphas:
@@ -68,7 +75,7 @@ def brute_force(model: nn.Module, sa: dict, sb: dict, alphas, x, y, *, bn: str =
         xs = x.double()
         with torch.no_grad():
             if bn == "train" and bn_batch:
-                outs = [model(c) for c in torch.tensor_split(xs, int(np.ceil(len(xs) / bn_batch)))]
+                outs = [model(c) for c in torch.split(xs, bn_batch)]
                 out = torch.cat(outs)
             else:
                 out = model(xs)

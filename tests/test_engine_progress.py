@@ -50,7 +50,7 @@ def test_bar_moves_within_a_block_and_matches_brents_count(archive, tmp_path):
     floor = rep.tables["floor"].arrays()
     bar = rep.tables["barriers"].arrays()
     assert len(floor["pair"]) == 11 and len(bar["pair"]) == 10 and floor["interior"].sum() >= 5
-    expected = 11 * 5 + int(floor["evals"].sum()) + 10 * 11
+    expected = 11 * 5 + int(floor["evals"].sum()) + 11 * 3 + 10 * 11  # + a = 0, a*, 1 per pair for floor's standard errors
     assert calls[-1][0] == pytest.approx(expected)
     # one block, yet the count grows in many steps (points, not pairs): every Brent round reports
     assert len({round(d, 6) for d, _ in calls if 0 < d < expected}) >= 5

@@ -51,6 +51,9 @@ def _naive_loss(model: nn.Module, x, y, *, bn: str, bn_batch: int) -> float:
     m = copy.deepcopy(model)
     m.train() if bn == "train" else m.eval()
     total = 0.0
+    if bn == "train":  # the analyzer's grouping: true batches of a permutation seeded seed + 2 (default seed 0)
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(2))[: (len(x) // bn_batch) * bn_batch]
+        x, y = x[perm], y[perm]
     with torch.no_grad():
         step = bn_batch if bn == "train" else len(x)
         for s in range(0, len(x), step):

@@ -226,7 +226,7 @@ class _Setup:
         self.x, self.y = to(x), to(y)
         self.evaluator = Evaluator(template, self.layout, device=self.device, dtype=self.dtype,
                                    bn=self.bn if self.bn != "none" else "eval", loss=loss, bn_batch=self.bn_batch,
-                                   recompute_batches=[to(b) for b in recompute])
+                                   recompute_batches=[to(b) for b in recompute], bn_seed=int(seed) + 2)
 
     def state(self, obj: Any, what: str) -> torch.Tensor:
         return _state(self.layout, _state_dict(obj, what), what).to(self.device, self.dtype)
@@ -279,25 +279,25 @@ class _Context:
         return self._lr
 
     # evaluation
-    def evaluate(self, states: torch.Tensor, pairs: Any) -> tuple[np.ndarray, np.ndarray]:
-        return self._setup.evaluator.evaluate(states, self._setup.x, self._setup.y)
+    def evaluate(self, states: torch.Tensor, pairs: Any, units: bool = False) -> tuple[np.ndarray, ...]:
+        return self._setup.evaluator.evaluate(states, self._setup.x, self._setup.y, units=units)
 
-    def evaluate_lines(self, lines: Sequence[tuple[Any, Any, Sequence[float], int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def evaluate_lines(self, lines: Sequence[tuple[Any, Any, Sequence[float], int]], units: bool = False) -> list[tuple[np.ndarray, ...]]:
         if not lines:
             return []
         ends = [(self.state(a) if isinstance(a, (int, np.integer)) else a, self.state(b) if isinstance(b, (int, np.integer)) else b)
                 for a, b, _, _ in lines]
         states = torch.cat([self.line(a, b, ts) for (a, b), (_, _, ts, _) in zip(ends, lines)])
-        loss, acc = self.evaluate(states, 0)
+        res = self.evaluate(states, 0, units=units)
         out, pos = [], 0
         for _, _, ts, _ in lines:
             n = len(ts)
-            out.append((loss[pos:pos + n], acc[pos:pos + n]))
+            out.append(tuple(r[pos:pos + n] for r in res))
             pos += n
         return out
 
-    def evaluate_segments(self, requests: Sequence[tuple[int, Sequence[float]]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        return self.evaluate_lines([(p, p + 1, al, p) for p, al in requests])
+    def evaluate_segments(self, requests: Sequence[tuple[int, Sequence[float]]], units: bool = False) -> list[tuple[np.ndarray, ...]]:
+        return self.evaluate_lines([(p, p + 1, al, p) for p, al in requests], units=units)
 
     def rows(self, metric: str, pairs: Sequence[int], span: int | None = None) -> dict[str, np.ndarray]:
         if metric not in self._rows:

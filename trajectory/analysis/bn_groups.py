@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["group_sizes", "GroupedBatchNorm"]
+__all__ = ["group_sizes", "bn_grouping", "GroupedBatchNorm"]
 
 
 def group_sizes(n: int, bn_batch: int) -> list[int]:
@@ -38,6 +38,26 @@ def group_sizes(n: int, bn_batch: int) -> list[int]:
         nb = max(1, n // 2)
     q, r = divmod(n, nb)
     return [q + 1] * r + [q] * (nb - r)
+
+
+def bn_grouping(n: int, bn_batch: int, seed: int) -> tuple[torch.Tensor, list[int]]:
+    """The BatchNorm groups of ``--bn train``: ``(order, sizes)``, the one rule every evaluation strategy uses.
+
+    ``order`` is a seeded random permutation of ``range(n)`` (``torch.randperm`` under ``torch.Generator().
+    manual_seed(seed)``), cut into *true* batches of exactly ``bn_batch`` samples: ``sizes = [bn_batch] * (n //
+    bn_batch)``. The remainder (``n % bn_batch`` samples, the last ones of the permutation, so a random choice)
+    is dropped, as a DataLoader with ``drop_last=True`` does: every group then has the batch statistics of a
+    training batch, and the mean loss is the plain mean of the group means. When ``n < bn_batch`` all ``n``
+    samples form one group. Why a permutation: grouping by the stored order makes a class-sorted dataset put
+    one class per group (a different function entirely); a seeded permutation makes the data order irrelevant
+    beyond sampling error, and the same seed gives the same groups at every point (common random numbers).
+    """
+    n, bs = int(n), max(2, int(bn_batch))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    if n < bs:
+        return order, [n]
+    g = n // bs
+    return order[: g * bs], [bs] * g
 
 
 def _runs(sizes: Sequence[int]) -> list[tuple[int, int]]:

@@ -20,7 +20,8 @@ from ..archive.reader import Trajectory
 from .errors import AnalysisError
 from .evaluator import has_batchnorm
 from .metric import DEFAULT_METRICS
-from .options import BN_POLICIES, DTYPES, LOSSES, EvalSpec, check_choice, parse_alphas, parse_eval, parse_spans, parse_steps
+from .options import (BN_POLICIES, DEFAULT_BN_BATCHES, DTYPES, LOSSES, EvalSpec, bn_seed, check_bn_sizes, check_choice, parse_alphas,
+                      parse_eval, parse_spans, parse_steps)
 from .plan import check_options, make_plan, metric_closure, missing_units, results_info, select, shared_config
 from .replay import (STRATEGIES, AnalysisRun, DataSource, ReplayContext, auto_device, build_evaluator, calibrate, open_replay,
                      resolve_eval_data, resolve_model, strategy_record)
@@ -60,7 +61,8 @@ def analyze(
     options: Mapping[str, Any] | None = None,
     subset_seed: int = 0,
     bn_batch: int | None = None,
-    bn_batches: int = 4,
+    bn_batches: int = DEFAULT_BN_BATCHES,
+    noise: str = "crn",
     block_pairs: int | None = None,
     flush_seconds: float = 2.0,
     max_elems: int | None = None,
@@ -91,6 +93,8 @@ def analyze(
     """
     t0 = time.perf_counter()
     check_choice(bn, BN_POLICIES, "--bn")
+    check_choice(noise, ("crn", "resample"), "--noise")
+    check_bn_sizes(bn_batch, bn_batches)
     check_choice(dtype, DTYPES, "--dtype")
     check_choice(loss, LOSSES, "--loss")
     check_choice(strategy, STRATEGIES, "--strategy")
@@ -129,11 +133,13 @@ def analyze(
         evdata = resolve_eval_data(traj, source, pairs, single, eval_spec, bn_eff, loss, bn_batch=bn_batch,
                                    bn_batches=bn_batches, subset_seed=subset_seed, device=dev, dtype=tdtype)
         evaluator = build_evaluator(m, traj, evdata, device=dev, dtype=tdtype, bn_eff=bn_eff, loss=loss,
-                                    max_elems=max_elems, fast_path=fast_path, strategy=strategy)
+                                    max_elems=max_elems, fast_path=fast_path, strategy=strategy,
+                                    bn_seed=bn_seed(subset_seed), noise=noise)
 
         # plan: configurations (hashes) and the tables they select in the results file
         shared = shared_config(eval_spec, bn_eff, dtype, loss, model_id, source.ident if source is not None else "",
-                               evdata.fingerprint, bn_batch=evdata.bn_batch, bn_batches=bn_batches, subset_seed=subset_seed)
+                               evdata.fingerprint, bn_batch=evdata.bn_batch, bn_batches=bn_batches, subset_seed=subset_seed,
+                               noise=noise)
         plan = make_plan(classes, opts, shared)
         out_path = os.fspath(out) if out is not None else default_results_path(traj.path)
         if os.path.abspath(out_path) == os.path.abspath(traj.path):

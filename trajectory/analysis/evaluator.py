@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..archive.layout import BUFFERS, BUFFERS_INT, PARAMS, Layout
-from .bn_groups import GroupedBatchNorm, group_sizes
+from .bn_groups import GroupedBatchNorm, bn_grouping, group_sizes
 from .errors import AnalysisError
 from .first_layer import FirstLayer, SharedLines, find_first_layer, swap_forward
 from .replay_strategies import STRATEGIES, Strategy, make_strategy, mlp_plan
@@ -87,6 +87,8 @@ class Evaluator:
         fast_path: bool = True,
         strategy: str = "auto",
         share_first: bool | None = None,
+        bn_seed: int = 0,
+        noise: str = "crn",
     ):
         self.device = torch.device(device)
         self.dtype = dtype
@@ -94,6 +96,13 @@ class Evaluator:
         self.loss = loss
         self.bn_policy = bn
         self.bn_batch = max(2, int(bn_batch))
+        if noise not in ("crn", "resample"):
+            raise AnalysisError(f"--noise {noise!r}: expected crn (common random numbers) or resample")
+        #: seed of the BatchNorm grouping permutation (:func:`~.bn_groups.bn_grouping`) under 'train'
+        self.bn_seed = int(bn_seed)
+        #: 'crn': the same BatchNorm groups at every point; 'resample': a fresh grouping at every evaluated point
+        self.noise = noise
+        self._noise_gen = torch.Generator().manual_seed(self.bn_seed + 7919)
         if max_elems is None:  # cache-sized passes on CPU, large ones on GPUs
             max_elems = (1 << 20) if self.device.type == "cpu" else (1 << 26)
         self.max_elems = int(max_elems)
@@ -362,7 +371,8 @@ class Evaluator:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, states: torch.Tensor, x: torch.Tensor, y: torch.Tensor, bn_batch: int | None = None,
-                 lines: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 lines: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 units: bool = False) -> tuple[np.ndarray, ...]:
         """Mean loss and accuracy over (x, y) at each row of ``states`` (K, n_state); float64 arrays.
 
         ``bn_batch`` overrides the BatchNorm batch size of the 'train' policy for this call (the
@@ -370,23 +380,53 @@ class Evaluator:
         ``lines = (A, B, owner, t)`` optionally tells that ``states[k] = A[owner[k]] + t[k]·(B − A)[owner[k]]``;
         the shared first layer is then computed once per line end (it is affine in the weights:
         W(t)x = W_A x + t·(W_B − W_A)x) instead of once per point. The strategy is calibrated on first use.
+
+        Under the 'train' policy the samples are grouped by :func:`~.bn_groups.bn_grouping` (seeded permutation,
+        true batches of ``bn_batch``, remainder dropped): the same groups at every point, or, with ``noise=
+        'resample'``, a fresh grouping for every state. ``units=True`` also returns the per-unit losses (K, U)
+        that standard errors are formed from (:mod:`~trajectory.analysis.stderr`): the per-sample losses, or under
+        'train' the mean loss of each BatchNorm group (samples of one group are not independent); the mean loss
+        is exactly the mean of the units.
         """
         if states.dim() != 2 or states.shape[1] != self.n_state:
             raise AnalysisError(f"state vectors must be (K, {self.n_state}), got {tuple(states.shape)}")
         if x.shape[0] == 0:
             raise AnalysisError("the evaluation data is empty")
         bnb = int(bn_batch or self.bn_batch)
-        self.calibrate(x, y, bnb)
         states = states.to(self.device, self.dtype)
-        loss_sum, corr_sum = self._evaluate_all(states, x, y, bnb, lines, self._probe(x))
+        if self.has_bn and self.bn_policy == "train" and self.noise == "resample" and states.shape[0] > 1:
+            outs = [self._evaluate_grouped(states[k : k + 1], x, y, bnb, None, units, self._fresh_seed())
+                    for k in range(states.shape[0])]
+            return tuple(np.concatenate([o[i] for o in outs]) for i in range(len(outs[0])))
+        seed = self._fresh_seed() if self.noise == "resample" else self.bn_seed
+        return self._evaluate_grouped(states, x, y, bnb, lines, units, seed)
+
+    def _fresh_seed(self) -> int:
+        return int(torch.randint(0, 2**62, (1,), generator=self._noise_gen))
+
+    def _evaluate_grouped(self, states, x, y, bnb: int, lines, units: bool, seed: int) -> tuple[np.ndarray, ...]:
+        """:meth:`evaluate` with the BatchNorm grouping of ``seed`` (the data permuted and cut into true batches)."""
+        group = None
+        if self.has_bn and self.bn_policy == "train":
+            order, sizes = bn_grouping(x.shape[0], bnb, seed)
+            o = order.to(x.device)
+            x, y = x[o], y[o]
+            bnb, group = sizes[0], len(sizes)
+        self.calibrate(x, y, bnb)
         k_all = states.shape[0]
         n = x.shape[0]
+        per = torch.empty((k_all, n), dtype=torch.float64, device=self.device) if units else None
+        loss_sum, corr_sum = self._evaluate_all(states, x, y, bnb, lines, self._probe(x), per)
         self.points_evaluated += k_all
         acc = corr_sum / n if self.loss == "cross_entropy" else np.full(k_all, np.nan)
-        return loss_sum / n, acc
+        if not units:
+            return loss_sum / n, acc
+        if group is not None:
+            per = per.reshape(k_all, group, bnb).mean(-1)
+        return loss_sum / n, acc, per.cpu().numpy()
 
-    def _evaluate_all(self, states, x, y, bnb: int, lines, act: float) -> tuple[np.ndarray, np.ndarray]:
-        """Summed loss and correctness (K,) over (x, y), in passes of whole lines."""
+    def _evaluate_all(self, states, x, y, bnb: int, lines, act: float, per=None) -> tuple[np.ndarray, np.ndarray]:
+        """Summed loss and correctness (K,) over (x, y), in passes of whole lines; per-sample losses into ``per``."""
         strat = self._strat
         k_all = states.shape[0]
         loss_sum = np.zeros(k_all)
@@ -410,7 +450,7 @@ class Evaluator:
             sub = None
             if lines is not None:
                 sub = (lines[0], lines[1], lines[2][k0:k1].to(self.device), lines[3][k0:k1].to(self.device, self.dtype))
-            ls, cs = self._evaluate_pass(states[k0:k1], x, y, act, bnb, sub)
+            ls, cs = self._evaluate_pass(states[k0:k1], x, y, act, bnb, sub, None if per is None else per[k0:k1])
             loss_sum[k0:k1] = ls
             corr_sum[k0:k1] = cs
             k0 = k1
@@ -438,7 +478,7 @@ class Evaluator:
             out.append((s, s + sum(cur), cur))
         return out
 
-    def _evaluate_pass(self, st: torch.Tensor, x, y, act, bn_batch: int, lines=None) -> tuple[np.ndarray, np.ndarray]:
+    def _evaluate_pass(self, st: torch.Tensor, x, y, act, bn_batch: int, lines=None, per=None) -> tuple[np.ndarray, np.ndarray]:
         strat = self._strat
         kb = st.shape[0]
         n = x.shape[0]
@@ -476,6 +516,8 @@ class Evaluator:
             else:
                 out = strat.forward(self, handle, xc, shared)
             l, c = self._per_sample(out, y[s:e])
+            if per is not None:
+                per[:, s:e] = l
             loss_sum += l.sum(1)
             if c is not None:
                 corr_sum += c.sum(1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -18,9 +18,17 @@ from ..textsafe import safe
 from .errors import AnalysisError
 
 __all__ = ["parse_alphas", "parse_steps", "parse_spans", "EvalSpec", "parse_eval", "select_pairs", "pair_spans", "UPDATES",
-           "BN_POLICIES", "DTYPES", "LOSSES", "parse_flush_seconds", "MAX_ALPHAS"]
+           "BN_POLICIES", "DTYPES", "LOSSES", "parse_flush_seconds", "MAX_ALPHAS", "DEFAULT_BN_BATCH", "DEFAULT_BN_BATCHES",
+           "check_bn_sizes", "bn_seed"]
 
 BN_POLICIES = ("train", "eval", "recompute")
+#: BatchNorm batch of ``--bn train`` groups and ``--bn recompute`` batches when --bn-batch is not given: the
+#: authors' 100, fixed, so runs trained at different batch sizes are evaluated alike (docs/analysis.md)
+DEFAULT_BN_BATCH = 100
+#: training batches averaged by ``--bn recompute`` when --bn-batches is not given (measured: docs/analysis.md)
+DEFAULT_BN_BATCHES = 32
+#: largest --bn-batch / --bn-batches accepted (checked before any allocation)
+MAX_BN = 1_000_000
 DTYPES = ("float32", "float64")
 LOSSES = ("cross_entropy", "mse")
 
@@ -246,3 +254,17 @@ def check_choice(value: str, choices: Iterable[str], flag: str) -> str:
     if value not in choices:
         raise AnalysisError(f"{flag} {safe(value)}: expected one of {', '.join(choices)}")
     return value
+
+
+def check_bn_sizes(bn_batch: Any, bn_batches: Any) -> None:
+    """--bn-batch must be an integer >= 2 (batch statistics of one sample are undefined), --bn-batches >= 1."""
+    for flag, v, lo in (("--bn-batch", bn_batch, 2), ("--bn-batches", bn_batches, 1)):
+        if v is None and flag == "--bn-batch":
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not lo <= int(v) <= MAX_BN:
+            raise AnalysisError(f"{flag} {safe(str(v))}: expected an integer from {lo} to {MAX_BN}")
+
+
+def bn_seed(subset_seed: int) -> int:
+    """Seed of the ``--bn train`` grouping permutation (recompute batches use ``subset_seed + 1``)."""
+    return int(subset_seed) + 2

@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import AnalysisError, MetricError
 from .metric import Metric, get_metric
-from .options import EvalSpec, pair_spans, select_pairs
+from .options import EvalSpec, bn_seed, pair_spans, select_pairs
 from .results import Table, canonical_json, config_hash
 
 __all__ = ["metric_closure", "check_options", "select", "shared_config", "Plan", "make_plan", "levels", "missing_units",
@@ -76,7 +76,7 @@ def select(steps: np.ndarray, steps_spec: Any, steps_text: Any, eval_kind: str, 
 
 
 def shared_config(eval_spec: EvalSpec, bn_eff: str, dtype: str, loss: str, model_id: str, data_id: str, fingerprint: str,
-                  *, bn_batch: int, bn_batches: int, subset_seed: int) -> dict[str, Any]:
+                  *, bn_batch: int, bn_batches: int, subset_seed: int, noise: str = "crn") -> dict[str, Any]:
     """The settings every data-using metric's rows depend on (part of their configuration hash).
 
     Changing a key or a value here changes every hash and makes existing results files unusable: the
@@ -94,6 +94,10 @@ def shared_config(eval_spec: EvalSpec, bn_eff: str, dtype: str, loss: str, model
         shared["minibatch"] = "single-update pairs only"  # rows of multi-step pairs are NaN (changed in 0.1)
     if bn_eff == "train" and eval_spec.kind != "minibatch":
         shared["bn_batch"] = int(bn_batch)
+        # issue 13: true batches of bn_batch from a seeded permutation (remainder dropped), not consecutive chunks
+        shared["bn_groups"] = {"rule": "seeded permutation, true batches, remainder dropped", "seed": bn_seed(subset_seed)}
+    if noise != "crn":  # the default (common random numbers) adds nothing, so default hashes stay
+        shared["noise"] = noise
     if bn_eff == "recompute":
         shared.update(bn_batch=int(bn_batch), bn_batches=int(bn_batches), bn_seed=int(subset_seed) + 1)
     return shared
@@ -121,7 +125,8 @@ def make_plan(classes: Sequence[type[Metric]], opts: Mapping[str, Any], shared: 
         cfg: dict[str, Any] = {
             "metric": cls.name,
             "version": cls.version,
-            "options": {k: v for k, v in inst.options.items() if k not in cls.unit_options},
+            "options": {k: v for k, v in inst.options.items() if k not in cls.unit_options
+                        and not (k in getattr(cls, "hash_if_set", ()) and v == cls.defaults.get(k))},
         }
         if cls.uses_data:
             cfg["shared"] = dict(shared)

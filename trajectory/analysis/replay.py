@@ -32,7 +32,7 @@ from ..errors import SpecError
 from .data import fingerprint, materialize, subset_indices
 from .errors import AnalysisError, MetricError
 from .evaluator import Evaluator
-from .options import EvalSpec
+from .options import DEFAULT_BN_BATCH, EvalSpec
 
 try:  # the evaluator's strategies (``mlp``, ``vmap``, ``loop``, ``loop_cl``, ...): one list, kept by the evaluator
     from .replay_strategies import STRATEGIES as _EVALUATOR_STRATEGIES
@@ -215,17 +215,20 @@ class ReplayContext:
         """
         return self._run.evaluate(states, pairs)
 
-    def evaluate_lines(self, lines: Sequence[tuple[Any, Any, Sequence[float], int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    def evaluate_lines(self, lines: Sequence[tuple[Any, Any, Sequence[float], int]], units: bool = False) -> list[tuple[np.ndarray, ...]]:
         """Evaluate many lines at once: each ``(a, b, ts, owner)`` gives loss/acc at a + t·(b − a) for t in ts.
 
         ``a`` and ``b`` are state vectors or record indices; ``owner`` is the pair whose data is used
-        (see :meth:`evaluate`). States are built and evaluated in chunks of bounded memory.
+        (see :meth:`evaluate`). States are built and evaluated in chunks of bounded memory. ``units=True`` adds a
+        third array per line, the per-unit losses (len(ts), U) on the same units at every t (samples, or
+        BatchNorm groups under ``--bn train``), from which :mod:`~trajectory.analysis.stderr` forms paired errors.
         """
-        return self._run.evaluate_lines(lines)
+        return self._run.evaluate_lines(lines, units=units)
 
-    def evaluate_segments(self, requests: Sequence[tuple[int, Sequence[float]]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """``[(pair, alphas), ...]`` -> loss/acc along each pair's segment θ_i + a·(θ_{i+1} − θ_i)."""
-        return self._run.evaluate_lines([(p, p + 1, al, p) for p, al in requests])
+    def evaluate_segments(self, requests: Sequence[tuple[int, Sequence[float]]], units: bool = False) -> list[tuple[np.ndarray, ...]]:
+        """``[(pair, alphas), ...]`` -> loss/acc (and per-unit losses with ``units``) along each pair's segment
+        θ_i + a·(θ_{i+1} − θ_i)."""
+        return self._run.evaluate_lines([(p, p + 1, al, p) for p, al in requests], units=units)
 
     # dependencies ------------------------------------------------------------------------------------
     def rows(self, metric: str, pairs: Sequence[int], span: int | None = None) -> dict[str, np.ndarray]:
@@ -368,15 +371,20 @@ class Replay:
             return self._minibatch(int(pair))
         return (self.eval_x, self.eval_y) if self.eval_x is not None else None
 
-    def evaluate(self, states: torch.Tensor, pairs: int | Sequence[int], lines=None) -> tuple[np.ndarray, np.ndarray]:
+    def evaluate(self, states: torch.Tensor, pairs: int | Sequence[int], lines=None, units: bool = False) -> tuple:
+        """Loss and accuracy (K,); with ``units`` also a list of K per-unit loss arrays (lengths may differ
+        between pairs under ``--eval minibatch``)."""
         k = states.shape[0]
         loss = np.full(k, np.nan)
         acc = np.full(k, np.nan)
+        per: list[np.ndarray] = [np.full(0, np.nan)] * k
         if k == 0:
-            return loss, acc
+            return (loss, acc, per) if units else (loss, acc)
         if self.eval_spec.kind != "minibatch":
-            l, a = self._evaluate_on(states, self.eval_x, self.eval_y, lines=lines)
-            return l, a
+            if not units:
+                return self._evaluate_on(states, self.eval_x, self.eval_y, lines=lines)
+            l, a, u = self._evaluate_on(states, self.eval_x, self.eval_y, lines=lines, units=True)
+            return l, a, list(u)
         owners = np.full(k, int(pairs)) if np.isscalar(pairs) else np.asarray(pairs, dtype=np.int64)
         if len(owners) != k:
             raise MetricError(f"evaluate: {k} states but {len(owners)} pair owners")
@@ -386,11 +394,14 @@ class Replay:
             if mb is None:
                 continue  # no recorded minibatch: NaN rows
             sel = torch.as_tensor(np.nonzero(mask)[0], device=states.device)
-            l, a = self._evaluate_on(states[sel], mb[0], mb[1], bn_batch=len(mb[0]))
-            loss[mask], acc[mask] = l, a
-        return loss, acc
+            out = self._evaluate_on(states[sel], mb[0], mb[1], bn_batch=len(mb[0]), **({"units": True} if units else {}))
+            loss[mask], acc[mask] = out[0], out[1]
+            if units:
+                for j, row in zip(np.nonzero(mask)[0], out[2]):
+                    per[j] = row
+        return (loss, acc, per) if units else (loss, acc)
 
-    def evaluate_lines(self, lines) -> list[tuple[np.ndarray, np.ndarray]]:
+    def evaluate_lines(self, lines, units: bool = False) -> list[tuple[np.ndarray, ...]]:
         items = [(j, float(t)) for j, line in enumerate(lines) for t in line[2]]
         if not items:
             return []
@@ -403,6 +414,7 @@ class Replay:
                        self.records.state(b) if isinstance(b, (int, np.integer)) else b)
         loss = np.empty(len(items))
         acc = np.empty(len(items))
+        per: list[np.ndarray] = []
         for s in range(0, len(items), chunk):
             part = items[s : s + chunk]
             # group consecutive items of the same line into one lerp
@@ -422,14 +434,22 @@ class Replay:
                 lb.append(b)
                 k = e
             info = (torch.stack(la), torch.stack(lb), torch.tensor(lidx), torch.tensor([t for _, t in part], dtype=torch.float64))
-            l, c = self.evaluate(torch.cat(states), owners, lines=info)
-            loss[s : s + len(part)] = l
-            acc[s : s + len(part)] = c
+            res = self.evaluate(torch.cat(states), owners, lines=info, units=units)
+            loss[s : s + len(part)] = res[0]
+            acc[s : s + len(part)] = res[1]
+            if units:
+                per.extend(res[2])
         out = []
         pos = 0
         for line in lines:
             n = len(line[2])
-            out.append((loss[pos : pos + n], acc[pos : pos + n]))
+            if units:
+                rows = per[pos : pos + n]
+                width = max((len(r) for r in rows), default=0)
+                u = np.stack([r if len(r) == width else np.full(width, np.nan) for r in rows]) if rows else np.empty((0, 0))
+                out.append((loss[pos : pos + n], acc[pos : pos + n], u))
+            else:
+                out.append((loss[pos : pos + n], acc[pos : pos + n]))
             pos += n
         return out
 
@@ -514,10 +534,8 @@ def resolve_eval_data(traj: Trajectory, source: DataSource | None, pairs: Sequen
 
     ``source`` is None when no metric uses data (then only ``bn_batch`` is resolved)."""
     out = EvalData()
-    if bn_batch is None:
-        bs = [len(traj.batch_indices(i)) for i in pairs[:4]]
-        bs = [b for b in bs if b > 0]
-        bn_batch = bs[0] if bs else 100
+    if bn_batch is None:  # a fixed default (the authors' 100), not the recorded batch size: runs compare alike
+        bn_batch = DEFAULT_BN_BATCH
     out.bn_batch = int(bn_batch)
     if source is None:
         return out
@@ -568,11 +586,12 @@ def _accepts(fn: Callable, name: str) -> bool:
 
 
 def build_evaluator(model: nn.Module, traj: Trajectory, data: EvalData, *, device: torch.device, dtype: torch.dtype,
-                    bn_eff: str, loss: str, max_elems: int | None, fast_path: bool, strategy: str = "auto") -> Evaluator:
+                    bn_eff: str, loss: str, max_elems: int | None, fast_path: bool, strategy: str = "auto",
+                    bn_seed: int = 0, noise: str = "crn") -> Evaluator:
     """The run's :class:`Evaluator`, asked for ``strategy`` (``auto`` lets it measure; see docs/analysis.md)."""
     kw: dict[str, Any] = dict(device=device, dtype=dtype, bn=bn_eff if bn_eff != "none" else "eval", loss=loss,
                               bn_batch=data.bn_batch, recompute_batches=data.recompute_batches, max_elems=max_elems,
-                              fast_path=fast_path)
+                              fast_path=fast_path, bn_seed=bn_seed, noise=noise)
     if _accepts(Evaluator, "strategy"):
         kw["strategy"] = strategy
     elif strategy != "auto":

@@ -14,6 +14,16 @@ Columns: ``a_star``, ``floor_loss``, ``floor_acc``, ``loss_a`` (L(θ_t)), ``loss
 ``convex`` (sampled curve on [0, 1] convex within the tolerance), ``convex_interior`` (both),
 ``evals`` (loss evaluations spent by Brent), ``nonfinite`` (a NaN/Inf loss was met: the other values are NaN/False).
 
+Standard errors (version 2, issue 13): ``floor_se``, ``loss_a_se``, ``loss_b_se`` (of the mean losses) and
+``height_se``, ``height_start_se``, ``height_max_se`` (*paired*: the sd of the per-unit differences between the
+end and the floor over sqrt(units)). They come from one extra evaluation of each segment at a = 0, a*, 1 with
+per-unit losses (samples, or BatchNorm groups under ``--bn train``): :mod:`~trajectory.analysis.stderr`.
+
+Option ``significance`` (Z, default 0 = the plain comparisons): ``interior`` then needs both end-minus-floor
+differences to exceed Z paired standard errors, and ``convex`` lets each interior grid point exceed the chord
+by Z times its loss standard error (interpolation's ``loss_se``) on top of the tolerance. A NaN standard error
+(fewer than 2 units) with Z > 0 decides "not interior". The option enters the configuration only when non-zero.
+
 Convexity tolerance: at every interior grid point, the loss may exceed the chord of its neighbours by
 at most ``convex_tol`` × (max − min of the curve on [0, 1]) + 1e-7 × max|L| (float32 resolution).
 
@@ -35,6 +45,7 @@ from ..brent import bounded_brent, endpoint_brent, run_lockstep
 from ..errors import AnalysisError
 from ..metric import Metric
 from ..options import parse_alphas
+from ..stderr import diff_se, mean_se
 
 __all__ = ["Floor", "floor_from_grid", "is_convex", "FLAT_CURVE_NATS"]
 
@@ -42,14 +53,17 @@ __all__ = ["Floor", "floor_from_grid", "is_convex", "FLAT_CURVE_NATS"]
 FLAT_CURVE_NATS = 1e-6
 
 
-def is_convex(a: np.ndarray, f: np.ndarray, tol: float) -> bool:
-    """True if every interior point lies at most tol(·range) above the chord of its neighbours."""
+def is_convex(a: np.ndarray, f: np.ndarray, tol: float, margin: np.ndarray | None = None) -> bool:
+    """True if every interior point lies at most tol(·range) above the chord of its neighbours (plus ``margin``,
+    per grid point, e.g. Z standard errors)."""
     if len(a) < 3:
         return True
     if not np.all(np.isfinite(f)):
         return False
     rng = float(np.max(f) - np.min(f))
     slack = tol * rng + 1e-7 * float(np.max(np.abs(f)))
+    if margin is not None:
+        slack = slack + np.nan_to_num(np.asarray(margin, dtype=np.float64)[1:-1], nan=0.0)
     a0, a1, a2 = a[:-2], a[1:-1], a[2:]
     chord = ((a2 - a1) * f[:-2] + (a1 - a0) * f[2:]) / (a2 - a0)
     return bool(np.all(f[1:-1] - chord <= slack))
@@ -68,9 +82,11 @@ def floor_from_grid(a: np.ndarray, f: np.ndarray) -> tuple[int, float, float]:
 
 class Floor(Metric):
     name = "floor"
-    version = 1
+    version = 2
     requires = ("interpolation",)
-    defaults = {"alphas": parse_alphas(None), "height": "start", "convex_tol": 0.01, "xtol": 1e-5}
+    defaults = {"alphas": parse_alphas(None), "height": "start", "convex_tol": 0.01, "xtol": 1e-5, "significance": 0.0}
+    #: options left out of the configuration while at their default (so default hashes do not depend on them)
+    hash_if_set = ("significance",)
     description = "valley floor, convexity and height above the floor"
 
     def validate(self) -> None:
@@ -84,6 +100,12 @@ class Floor(Metric):
         o["xtol"] = float(o["xtol"])
         if not o["xtol"] > 0 or o["convex_tol"] < 0:
             raise AnalysisError("xtol must be > 0 and convex_tol >= 0")
+        try:
+            o["significance"] = float(o["significance"])
+        except (TypeError, ValueError):
+            raise AnalysisError(f"--significance {o['significance']!r}: expected a number of standard errors >= 0") from None
+        if not (math.isfinite(o["significance"]) and o["significance"] >= 0):
+            raise AnalysisError(f"--significance {o['significance']!r}: expected a number of standard errors >= 0")
 
     def compute(self, ctx: Any, units: Sequence[tuple[int, ...]]) -> list[dict[str, Any]]:
         al = np.asarray(self.options["alphas"])
@@ -92,6 +114,8 @@ class Floor(Metric):
         curves = ctx.rows("interpolation", [u[0] for u in units])
         losses = np.asarray(curves["loss"])[:, seg]
         accs = np.asarray(curves["acc"])[:, seg]
+        z = self.options["significance"]
+        loss_ses = np.asarray(curves["loss_se"])[:, seg] if "loss_se" in curves else np.full_like(losses, np.nan)
         rows: list[dict[str, Any] | None] = [None] * len(units)
         gens, owners, gen_unit, seen = [], [], [], []
         for k, u in enumerate(units):
@@ -127,6 +151,7 @@ class Floor(Metric):
                     f"some interpolation curves are flatter than {FLAT_CURVE_NATS:g} nats, below float32 resolution of the "
                     "loss: their convex/interior/a* values are rounding noise; rerun with --dtype float64", stacklevel=2)
         results = run_lockstep(gens, evaluate) if gens else []
+        found = []
         for g, (xb, fb, nev) in enumerate(results):
             k = gen_unit[g]
             f = losses[k]
@@ -139,16 +164,33 @@ class Floor(Metric):
                 a_star, floor, facc = float(xb), float(fb), seen[g][xb][1]
             else:  # the grid point is better than anything Brent found (flat or noisy curve)
                 a_star, floor, facc = float(a[j]), float(f[j]), float(accs[k][j])
-            eps = 2 * self.options["xtol"]
-            interior = bool(eps < a_star < 1 - eps and floor < min(fa, fb_end))
-            convex = is_convex(a, f, self.options["convex_tol"])
             hs, hm = fa - floor, max(fa, fb_end) - floor
             rows[k] = {
                 "a_star": a_star, "floor_loss": floor, "floor_acc": facc, "loss_a": fa, "loss_b": fb_end,
                 "height": hs if self.options["height"] == "start" else hm, "height_start": hs, "height_max": hm,
-                "interior": interior, "convex": convex, "convex_interior": bool(interior and convex),
                 "evals": int(nev), "nonfinite": False,
             }
+            found.append(k)
+        # standard errors: the same units at a = 0, a*, 1 (one extra evaluation of three points per segment)
+        se_res = ctx.evaluate_lines([(units[k][0], units[k][0] + 1, [0.0, rows[k]["a_star"], 1.0], units[k][0])
+                                     for k in found], units=True) if found else []
+        eps = 2 * self.options["xtol"]
+        for k, (_l, _c, per) in zip(found, se_res):
+            r = rows[k]
+            per = np.asarray(per, dtype=np.float64)
+            u0, us, u1 = per[0], per[1], per[2]
+            se_a, se_b = diff_se(u0, us), diff_se(u1, us)
+            se_max = se_a if r["loss_a"] >= r["loss_b"] else se_b
+            r.update(floor_se=mean_se(us), loss_a_se=mean_se(u0), loss_b_se=mean_se(u1), height_start_se=se_a,
+                     height_max_se=se_max, height_se=se_a if self.options["height"] == "start" else se_max)
+            da, db = r["loss_a"] - r["floor_loss"], r["loss_b"] - r["floor_loss"]
+            if z > 0:  # a NaN standard error compares False: not shown to be interior
+                below = bool(da > z * se_a and db > z * se_b)
+            else:
+                below = bool(da > 0 and db > 0)
+            r["interior"] = bool(eps < r["a_star"] < 1 - eps and below)
+            r["convex"] = is_convex(a, losses[k], self.options["convex_tol"], z * loss_ses[k] if z > 0 else None)
+            r["convex_interior"] = bool(r["interior"] and r["convex"])
         return rows  # type: ignore[return-value]
 
     def cost(self, ctx: Any, units: Sequence[tuple[int, ...]]) -> float:
@@ -171,7 +213,7 @@ class Floor(Metric):
                 continue
             j = int(np.argmin(f))
             total += 1.0 if j in (0, len(f) - 1) else interior
-        return total * ctx.eval_size
+        return (total + 3.0 * len(units)) * ctx.eval_size  # + a = 0, a*, 1 again for the standard errors
 
     @staticmethod
     def _nonfinite_row(f: np.ndarray, evals: int = 0) -> dict[str, Any]:
@@ -179,7 +221,8 @@ class Floor(Metric):
         return {
             "a_star": nan, "floor_loss": nan, "floor_acc": nan, "loss_a": float(f[0]), "loss_b": float(f[-1]),
             "height": nan, "height_start": nan, "height_max": nan, "interior": False, "convex": False,
-            "convex_interior": False, "evals": int(evals), "nonfinite": True,
+            "convex_interior": False, "evals": int(evals), "nonfinite": True, "floor_se": nan, "loss_a_se": nan,
+            "loss_b_se": nan, "height_se": nan, "height_start_se": nan, "height_max_se": nan,
         }
 
     def summarize(self, rows: Mapping[str, np.ndarray]) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Interpolation curve: loss and accuracy at θ(a) = θ_t + a·(θ_{t+1} − θ_t) on a grid of a."""
+"""Interpolation curve: loss and accuracy at θ(a) = θ_t + a·(θ_{t+1} − θ_t) on a grid of a, with the standard
+error of each point's loss (``loss_se``, from the per-unit losses: :mod:`~trajectory.analysis.stderr`)."""
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
@@ -7,15 +8,19 @@ import numpy as np
 
 from ..metric import Metric
 from ..options import parse_alphas
+from ..stderr import mean_se
 
 __all__ = ["Interpolation"]
 
 
 class Interpolation(Metric):
-    """Columns: ``loss`` (len(alphas),), ``acc`` (len(alphas),). The grid is in the configuration."""
+    """Columns: ``loss`` (len(alphas),), ``acc`` (len(alphas),), ``loss_se`` (len(alphas),): standard error of each
+    mean loss over the evaluation units (samples, or BatchNorm groups under ``--bn train``; NaN with fewer than 2
+    units). The grid is in the configuration. Version 2 (issue 13): ``loss_se`` added, and ``--bn train`` groups
+    are true batches of a seeded permutation (values of BatchNorm models changed)."""
 
     name = "interpolation"
-    version = 1
+    version = 2
     defaults = {"alphas": parse_alphas(None)}
     description = "loss and accuracy along each update's segment"
 
@@ -24,8 +29,9 @@ class Interpolation(Metric):
 
     def compute(self, ctx: Any, units: Sequence[tuple[int, ...]]) -> list[dict[str, Any]]:
         al = self.options["alphas"]
-        curves = ctx.evaluate_segments([(u[0], al) for u in units])
-        return [{"loss": loss, "acc": acc} for loss, acc in curves]
+        curves = ctx.evaluate_segments([(u[0], al) for u in units], units=True)
+        return [{"loss": loss, "acc": acc, "loss_se": np.asarray(mean_se(per), dtype=np.float64).reshape(len(al))}
+                for loss, acc, per in curves]
 
     def cost(self, ctx: Any, units: Sequence[tuple[int, ...]]) -> float:
         """One model evaluation per grid point and unit (exact)."""
