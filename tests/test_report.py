@@ -418,3 +418,58 @@ def test_per_update_panels_never_bridge_gaps_between_recorded_windows(sample_res
                 assert not ((x[:-1] < 15) & (x[1:] >= 25)).any(), title  # nothing spans the gap
                 assert not np.isin(15, x)  # the chord is not an update
     assert checked == 2
+
+
+def test_barrier_dips_floor_peaks_and_split_heights_are_drawn_and_tabled(sample_results, tmp_path):
+    """Issue 13: −dip below the barrier axis, floor-sequence peaks with their prominence, interior heights apart
+    from descent steps (figure data and page rows against h5py and a brute-force peak loop)."""
+    from test_barriers_rich import _peaks_brute
+    from trajectory.report import load_run
+
+    res = build_report([sample_results], tmp_path / "rep")
+    page = _parse(res.html)
+    with h5py.File(sample_results, "r") as f:
+        fl, ba = _group(f, "floor"), _group(f, "barriers")
+        ok = ~fl["nonfinite"][()]
+        inner = fl["interior"][()] & ok
+        h = fl["height"][()]
+        sel = (ba["span"][()] == 1) & ~ba["nonfinite"][()]
+        dip1 = ba["dip"][()][sel]
+        assert page.rows["dip fraction, span 1"] == [f"{ba['has_dip'][()][sel].mean():.3f}"]
+        assert page.rows["median dip, span 1 (nats)"] == [f"{np.median(dip1):.4g}"]
+        assert page.rows["descent steps (floor at an end)"] == [str(int((ok & ~inner).sum()))]
+        assert page.rows["median loss decrease of descent steps (nats)"] == [f"{np.median(h[ok & ~inner]):.4g}"]
+        if inner.any():
+            assert page.rows["median height above an interior floor (nats)"] == [f"{np.median(h[inner]):.4g}"]
+
+    run = load_run(sample_results)
+    # a known floor sequence and interior pattern: peaks at pairs 1 and 3 (prominences 2, 0.5), then repeated
+    m = run.metrics["floor"]
+    n = m.rows
+    seq = np.resize([0.0, 2.0, 1.0, 1.5], n)
+    m.arrays["floor_loss"] = seq.copy()
+    m.arrays["interior"] = np.arange(n) % 3 == 0
+    fig = barriers_figure([run])
+    bar_ax = next(a for a in fig.axes if "−dip" in a.get_title(loc="left"))
+    dips = [line for line in bar_ax.get_lines() if line.get_gid() == "dip"]
+    ys = {tuple(np.round(line.get_ydata(), 12)) for line in dips}
+    assert tuple(np.round(-dip1, 12)) in ys
+    floor_ax = next(a for a in fig.axes if "peaks" in a.get_title(loc="left"))
+    (marks,) = [line for line in floor_ax.get_lines() if line.get_gid() == "floor_peaks"]
+    idx, prom = _peaks_brute(seq)
+    steps = np.asarray(m["step_a"], dtype=float)
+    np.testing.assert_array_equal(marks.get_xdata(), steps[idx])
+    np.testing.assert_array_equal(marks.get_ydata(), seq[idx])
+    (bars,) = [c for c in floor_ax.collections if c.get_gid() == "prominence"]
+    np.testing.assert_allclose([seg[1, 1] - seg[0, 1] for seg in bars.get_segments()], prom)
+    frac_ax = next(a for a in fig.axes if "dip (hatched)" in a.get_title(loc="left"))
+    assert any(p.get_gid() == "dip_fraction" for p in frac_ax.containers[1].patches)
+
+    dyn = dynamics_figure([run])
+    h = np.asarray(m["height"], dtype=float)
+    for title, mask in (("interior valley floor", m.arrays["interior"]), ("Descent steps", ~m.arrays["interior"])):
+        ax = next(a for a in dyn.axes if title in a.get_title(loc="left"))
+        thin = ax.get_lines()[0]  # the per-update line, NaN outside the selected pairs
+        y = np.asarray(thin.get_ydata(), dtype=float)
+        np.testing.assert_array_equal(np.isfinite(y), mask & np.isfinite(h))
+        np.testing.assert_allclose(y[mask], h[mask])

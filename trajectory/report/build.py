@@ -52,18 +52,22 @@ FIGURES: tuple[FigureSpec, ...] = (
         ("interpolation",), lambda runs, window, max_pairs: interpolation_figure(runs, window, max_pairs=max_pairs)),
     FigureSpec(
         "dynamics", "Training dynamics",
-        "Loss at the records, height of θ_t above its update's valley floor, distance from the first record, step "
-        "length and cosine between consecutive updates (parameters only), against the optimizer step.",
+        "Loss at the records; height of θ_t above its update's valley floor, for updates whose floor is interior "
+        "(0 < a* < 1), apart from descent steps whose floor is an end of the update (there the 'height' is just the "
+        "step's loss decrease); distance from the first record, step length and cosine between consecutive updates "
+        "(parameters only), against the optimizer step.",
         ("floor", "geometry"), lambda runs, window, max_pairs: dynamics_figure(runs)),
     FigureSpec(
         "barriers", "Barriers along the valley floor",
-        "Left: barrier height max(path) − max(ends) on the straight path between valley-floor points k records "
-        "apart, with the threshold above which a span counts as having a barrier. Right: fraction of spans with a "
-        "barrier, per span k.",
+        "Top left: barrier height max(path) − max(ends) on the straight path between valley-floor points k records "
+        "apart, with the threshold above which a span counts as having a barrier, and below zero (faint) −dip, "
+        "dip = min(ends) − min(path). Top right: fraction of spans with a barrier (solid) and with a dip (hatched), "
+        "per span k. Bottom: floor loss of each update over training, with the peaks of that sequence (▲) and their "
+        "prominence (bar down to the higher base).",
         ("barriers",), lambda runs, window, max_pairs: barriers_figure(runs)),
     FigureSpec(
         "curvature", "Curvature over training",
-        "Top Hessian eigenvalue, Hessian trace, λ_max·lr/2 against the edge of stability (1), ε-sharpness, and the "
+        "Top Hessian eigenvalue, Hessian trace, λ_max·lr/(2 + 2β) against the edge of stability (1; β: the recorded SGD momentum), ε-sharpness, and the "
         "share of each update in the top-k Hessian eigenspace (dotted: a random direction's expected share), at the "
         "points the curvature metrics measured.",
         ("hessian_top", "hessian_trace", "sharpness", "update_alignment"), lambda runs, window, max_pairs: curvature_figure(runs)),

@@ -3,8 +3,9 @@
 
 The curvature metrics measure at one point per selected pair: the record θ_t (``at=record``) or the valley floor
 θ(a*) (``at=floor``); the points are placed on the step axis at s_a + a·(s_b − s_a) with the stored ``a``.
-λ_max·lr/2 is drawn against 1: gradient descent on a quadratic is stable only while λ_max < 2/lr ("edge of
-stability", Cohen et al. 2021).
+λ_max·lr/(2 + 2β) is drawn against 1: SGD with heavy-ball momentum β on a quadratic is stable only while
+λ_max < (2 + 2β)/lr ("edge of stability", Cohen et al. 2021, with its appendix on momentum; 2/lr without momentum).
+The metrics store it as ``eos_ratio`` with β from the recorded optimizer.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def _where(runs: Sequence[Run]) -> str:
 
 
 def curvature_figure(runs: Sequence[Run | str] | Run | str) -> Figure:
-    """Top Hessian eigenvalue, Hessian trace, λ_max·lr/2 against 1, and ε-sharpness, over training.
+    """Top Hessian eigenvalue, Hessian trace, λ_max·lr/(2 + 2β) against 1, and ε-sharpness, over training.
 
     Panels appear for the metrics present. Raises :class:`~trajectory.report.errors.ReportError` when no run has
     ``hessian_top``, ``hessian_trace`` or ``sharpness`` rows.
@@ -74,10 +75,10 @@ def curvature_figure(runs: Sequence[Run | str] | Run | str) -> Figure:
                 ax.set_ylabel(r"$\mathrm{tr}\,\nabla^2 L$ (loss per unit $\theta^2$)")
             elif panel == "eos":
                 ax.axhline(1.0, color="crimson", lw=1.0, ls="--")
-                ax.text(0.01, 1.0, r" $\lambda_\max = 2/\eta$ (edge of stability)", color="crimson", fontsize=8.5,
+                ax.text(0.01, 1.0, r" $\lambda_\max = (2 + 2\beta)/\eta$ (edge of stability)", color="crimson", fontsize=8.5,
                         transform=ax.get_yaxis_transform(), va="bottom", ha="left")
                 ax.set_title(r"Sharpness relative to the learning rate $\eta$", loc="left")
-                ax.set_ylabel(r"$\lambda_\max \cdot \eta / 2$")
+                ax.set_ylabel(r"$\lambda_\max \cdot \eta / (2 + 2\beta)$")
                 lo, hi = ax.get_ylim()
                 ax.set_ylim(min(0.0, lo), max(1.2, hi))
             elif panel == "align":
@@ -128,7 +129,8 @@ def _draw(ax: Axes, panel: str, run: Run, color: str) -> bool:
 
 
 def _eos(run: Run, m: MetricData) -> np.ndarray:
-    """λ_max·lr/2 as stored; where the lr was not recorded, the run's geometry lr or its known lr."""
+    """λ_max·lr/(2 + 2β) as stored; where the lr was not recorded, the run's geometry lr or its known lr, with β the
+    stored ``momentum`` (metric version 2) or the run's known momentum (0 if none)."""
     eos = np.asarray(m["eos_ratio"], dtype=float).copy()
     missing = ~np.isfinite(eos)
     if missing.any():
@@ -137,7 +139,11 @@ def _eos(run: Run, m: MetricData) -> np.ndarray:
         if geo is not None:
             pos = {int(p): float(v) for p, v in zip(geo["pair"], geo["lr"])}
             lr = np.array([pos.get(int(p), lr[j]) for j, p in enumerate(m["pair"])])
-        eos[missing] = np.asarray(m["lambda_max"], dtype=float)[missing] * lr[missing] / 2.0
+        beta = np.full(m.rows, float(run.hyper.get("momentum") or 0.0))
+        if "momentum" in m.arrays:
+            stored = np.asarray(m["momentum"], dtype=float)
+            beta = np.where(np.isfinite(stored), stored, beta)
+        eos[missing] = np.asarray(m["lambda_max"], dtype=float)[missing] * lr[missing] / (2.0 + 2.0 * beta[missing])
     return eos
 
 

@@ -1,13 +1,17 @@
 """Training dynamics along the recorded path: loss, height above the valley floor, distance travelled, step
 length, direction changes (and the learning rate when it changes). Runs are overlaid on the same axes.
 
+Heights come in two panels (issue 13): updates whose valley floor is interior (a* inside the segment, below both
+ends), whose height is the paper's quantity, and descent steps (the floor is an end of the segment), whose
+"height" is just the step's loss decrease (:mod:`trajectory.analysis.heights`). Pooling them hid the former.
+
 Per-pair series are noisy (each update sees one minibatch), so long series are drawn thin with a thick centred
 rolling median on top; the legend names the window. Panels whose metric no run has are left out, not drawn empty.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -30,6 +34,8 @@ class Panel:
     ylabel: Callable[[Sequence[Run]], str]
     smooth: bool
     zero_line: bool = False
+    #: rows to draw (a boolean mask of the metric's rows); None: all
+    select: Callable[[Any], np.ndarray] | None = None
 
 
 def _lr_varies(run: Run) -> bool:
@@ -48,8 +54,12 @@ def _nats(runs: Sequence[Run], text: str) -> str:
 DYNAMICS_PANELS: tuple[Panel, ...] = (
     Panel("loss", "floor", "loss_a", r"Loss at each record $\theta_t$ (evaluation data)",
           lambda r: loss_label(r, r"$L(\theta_t)$"), False),
-    Panel("height", "floor", "height", "Height above the valley floor of each update",
-          lambda r: _nats(r, r"$L(\theta_t) - L_\mathrm{floor}$"), True, True),
+    Panel("height", "floor", "height", r"Height above an interior valley floor ($0 < a^* < 1$)",
+          lambda r: _nats(r, r"$L(\theta_t) - L_\mathrm{floor}$"), True, True,
+          select=lambda m: np.asarray(m["interior"], dtype=bool)),
+    Panel("descent", "floor", "height", r"Descent steps: floor at an end ($a^* \in \{0, 1\}$), loss decrease",
+          lambda r: _nats(r, r"$L(\theta_t) - L(\theta_{a^*})$"), True, True,
+          select=lambda m: ~np.asarray(m["interior"], dtype=bool)),
     Panel("a_star", "floor", "a_star", r"Position of the valley floor on each update (0: $\theta_t$, 1: $\theta_{t+1}$)",
           lambda r: r"$a^*$", True),
     Panel("cos_prev", "geometry", "cos_prev", "Cosine between consecutive updates",
@@ -86,6 +96,11 @@ def dynamics_figure(runs: Sequence[Run | str] | Run | str) -> Figure:
                     continue
                 y = np.asarray(m[panel.column], dtype=float)
                 x0, x1 = np.asarray(m["step_a"]), np.asarray(m["step_b"])
+                if panel.select is not None:  # NaN, not dropped: the other pairs still tie the windows together
+                    keep = panel.select(m)
+                    if not keep.any():
+                        continue
+                    y = np.where(keep, y, np.nan)
                 if panel.smooth and len(x0):
                     # per-update panels: pairs spanning several optimizer steps (sparse records between dense
                     # windows) are chords, not SGD updates; keep the single updates, drawn piece by piece
@@ -98,6 +113,10 @@ def dynamics_figure(runs: Sequence[Run | str] | Run | str) -> Figure:
                 plot_series(ax, x0, y, color=color, label=run.label, smooth=panel.smooth,
                             x_end=x1 if panel.smooth else None)
                 drawn.add(i)
+            if panel.select is not None and not any(
+                    r.get(panel.metric) is not None and panel.select(r.get(panel.metric)).any() for r in runs):
+                ax.text(0.5, 0.5, "no update of the selected pairs has one", transform=ax.transAxes, ha="center",
+                        va="center", fontsize=9, color="0.35")
             if panel.zero_line:
                 ax.axhline(0.0, color="0.4", lw=0.8, ls=":")
             ax.set_title(panel.title, loc="left")

@@ -11,6 +11,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..analysis.heights import height_split
+from ..analysis.metrics.barriers import floor_peaks
 from .load import Run
 
 __all__ = ["run_summary", "summary_rows", "format_number"]
@@ -47,6 +49,18 @@ def run_summary(run: Run) -> dict[str, Any]:
             out["median_a_star"] = float(np.median(fl["a_star"][ok]))
             out["median_height"] = float(np.median(fl["height"][ok]))
             out["mean_height"] = float(np.mean(fl["height"][ok]))
+            split = height_split(fl)  # interior floors apart from descent steps (a* at an end)
+            out["interior_pairs"] = split["interior_pairs"]
+            out["descent_pairs"] = split["descent_pairs"]
+            if split["interior_pairs"]:
+                out["median_interior_height"] = split["median_interior_height"]
+            if split["descent_pairs"]:
+                out["median_descent_step"] = split["median_descent_step"]
+            order = np.argsort(np.asarray(fl["step_a"]))
+            _, prom, _, _ = floor_peaks(np.asarray(fl["floor_loss"], dtype=float)[order])
+            out["floor_peaks"] = int(len(prom))
+            if len(prom):
+                out["max_floor_prominence"] = float(prom.max())
     ba = run.get("barriers")
     if ba is not None:
         spans = ba["span"]
@@ -56,6 +70,9 @@ def run_summary(run: Run) -> dict[str, Any]:
             if sel.any():
                 out[f"barrier_fraction_span{int(k)}"] = float(np.mean(ba["has_barrier"][sel]))
                 out[f"median_barrier_span{int(k)}"] = float(np.median(ba["barrier"][sel]))
+                if "dip" in ba.arrays:  # barriers v2
+                    out[f"dip_fraction_span{int(k)}"] = float(np.mean(ba["has_dip"][sel]))
+                    out[f"median_dip_span{int(k)}"] = float(np.median(ba["dip"][sel]))
     geo = run.get("geometry")
     if geo is not None:
         final = geo["dist_init_b"][-1]
@@ -106,12 +123,18 @@ _ROWS: list[tuple[str, str]] = [
     ("median_a_star", "median a* (floor position, 0 = θ_t, 1 = θ_t+1)"),
     ("median_height", "median height above floor (nats)"),
     ("mean_height", "mean height above floor (nats)"),
+    ("interior_pairs", "pairs with an interior floor"),
+    ("median_interior_height", "median height above an interior floor (nats)"),
+    ("descent_pairs", "descent steps (floor at an end)"),
+    ("median_descent_step", "median loss decrease of descent steps (nats)"),
+    ("floor_peaks", "peaks of the floor-loss sequence"),
+    ("max_floor_prominence", "largest floor-peak prominence (nats)"),
     ("barriers", ""),
     ("final_dist_init", "final ‖θ − θ₀‖₂"),
     ("median_step_length", "median step length ‖θ_t+1 − θ_t‖₂"),
     ("median_cos_prev", "median cos(consecutive updates)"),
     ("lambda_max", "λ_max range (min – max)"),
-    ("max_eos_ratio", "max λ_max·lr/2 (1 = edge of stability)"),
+    ("max_eos_ratio", "max λ_max·lr/(2 + 2β) (1 = edge of stability; β: momentum)"),
     ("median_trace", "median Hessian trace"),
     ("median_eps_sharpness", "median ε-sharpness (Keskar, %)"),
 ]
@@ -133,6 +156,11 @@ def summary_rows(runs: Sequence[Run], summaries: Sequence[dict[str, Any]] | None
                 rows.append((f"barrier fraction, span {k}", [format_number(s.get(fk), fk) for s in sums]))
                 rows.append((f"median barrier, span {k} (nats)" if not mse else f"median barrier, span {k}",
                              [format_number(s.get(mk), mk) for s in sums]))
+                dk, dm = f"dip_fraction_span{k}", f"median_dip_span{k}"
+                if any(dk in s for s in sums):
+                    rows.append((f"dip fraction, span {k}", [format_number(s.get(dk), dk) for s in sums]))
+                    rows.append((f"median dip, span {k} (nats)" if not mse else f"median dip, span {k}",
+                                 [format_number(s.get(dm), dm) for s in sums]))
         elif key == "lambda_max":
             if any("lambda_max_min" in s for s in sums):
                 rows.append((label, [f"{format_number(s['lambda_max_min'])} – {format_number(s['lambda_max_max'])}"
