@@ -44,13 +44,16 @@ def test_gradients_match_a_float64_loop(mlp, tmp_path):
             u = (G @ d).numpy()
             gb = flat_grad(model, ce(model, xtr[traj.batch_indices(i)], ytr[traj.batch_indices(i)]))
             with torch.no_grad():
-                l0 = float(ce(model, xt, yt))
-                l1 = float(ce(load(model, traj.state_dict(i + 1)), xt, yt))
+                u0 = torch.nn.functional.cross_entropy(model(xt.double()), yt, reduction="none")
+                l0 = float(u0.mean())
+                u1 = torch.nn.functional.cross_entropy(load(model, traj.state_dict(i + 1))(xt.double()), yt, reduction="none")
+                l1 = float(u1.mean())
             ref = {
                 "loss": l0, "grad_norm": float(g.norm()), "grad_b_norm": float(gb.norm()),
                 "cos_update": float(-(g @ d) / (g.norm() * d.norm())), "cos_gb_g": float(gb @ g / (gb.norm() * g.norm())),
                 "trace_sigma": trace, "b_simple": trace / float(g @ g), "pred_change": float(g @ d),
                 "pred_change_se": float(u.std(ddof=1) / np.sqrt(n)), "actual_change": l1 - l0, "noise_units": n,
+                "actual_change_se": float((u1 - u0).std() / np.sqrt(n)),
             }
             for k, v in ref.items():
                 np.testing.assert_allclose(got[k][r], v, rtol=1e-8, atol=1e-12, err_msg=k)

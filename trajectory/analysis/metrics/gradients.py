@@ -23,6 +23,7 @@ through :func:`~trajectory.analysis.curvature.objective.objective_for`):
 ``pred_change``     g·Δθ, the first-order prediction of the loss change along the update
 ``pred_change_se``  its standard error over the evaluation samples (sd of the per-unit values G_j·Δθ over √m)
 ``actual_change``   L(θ_{i+1}) − L(θ_i) by the run's evaluator (buffers of each record)
+``actual_change_se`` its paired standard error over the evaluation units (:mod:`trajectory.analysis.stderr`)
 ``noise_units``     m, the per-sample (or per-batch) gradients used
 """
 from __future__ import annotations
@@ -44,7 +45,7 @@ __all__ = ["Gradients", "unit_gradient_moments", "minibatch"]
 _GRAD_BUDGET = 1 << 25
 
 _COLUMNS = ("loss", "grad_norm", "grad_b_norm", "cos_update", "cos_gb_g", "trace_sigma", "b_simple", "pred_change",
-            "pred_change_se", "actual_change", "noise_units")
+            "pred_change_se", "actual_change", "actual_change_se", "noise_units")
 
 
 def minibatch(ctx: Any, pair: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -158,6 +159,19 @@ def _grad_one(fn, p: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.
         return torch.autograd.grad(fn(q, xb, yb), q)[0]
 
 
+def _actual_change(ctx: Any, i: int) -> tuple[float, float]:
+    """L(θ_{i+1}) − L(θ_i) and its paired standard error (per-unit losses of the replay, :mod:`..stderr`); the SE is
+    NaN with a replay that has no per-unit losses."""
+    try:
+        loss, _acc, units = ctx.evaluate_lines([(i, i + 1, [0.0, 1.0], i)], units=True)[0]
+    except TypeError:  # a replay without per-unit losses
+        loss, _acc = ctx.evaluate_lines([(i, i + 1, [0.0, 1.0], i)])[0]
+        return float(loss[1] - loss[0]), float("nan")
+    from ..stderr import diff_se
+
+    return float(loss[1] - loss[0]), float(diff_se(units[1], units[0]))
+
+
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     na, nb = float(torch.linalg.vector_norm(a)), float(torch.linalg.vector_norm(b))
     return float(a @ b) / (na * nb) if na > 0 and nb > 0 else float("nan")
@@ -223,8 +237,7 @@ class Gradients(Metric):
             gn2 = row["grad_norm"] ** 2
             row.update(trace_sigma=mom["trace_sigma"], b_simple=mom["trace_sigma"] / gn2 if gn2 > 0 else float("nan"),
                        pred_change_se=mom["dir_se"], noise_units=int(mom["m"]))
-        ls, _ = ctx.evaluate(torch.stack([sa, sb]), i)
-        row["actual_change"] = float(ls[1] - ls[0])
+        row["actual_change"], row["actual_change_se"] = _actual_change(ctx, i)
         return row
 
     def cost(self, ctx: Any, units: Sequence[tuple[int, ...]]) -> float:
