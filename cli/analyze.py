@@ -53,6 +53,10 @@ def _options(pairs):
 @click.option("--alphas", default=None, help="Interpolation grid: start:stop:count (default 0:1:21) or a comma list, e.g. -0.5:1.5:41.")
 @click.option("--eval", "eval_", default=None, show_default=False, help="Evaluation data: minibatch | subset:N | train | test (default subset:2000).")
 @click.option("--bn", type=click.Choice(["train", "eval", "recompute"]), default="train", show_default=True, help="BatchNorm policy (ignored by models without BatchNorm).")
+@click.option("--bn-batch", "bn_batch", type=int, default=None, help="BatchNorm batch: --bn train normalises true batches of N samples of a seeded permutation (remainder dropped), --bn recompute averages batches of N (default 100, the authors' value; --eval minibatch: the minibatch).")
+@click.option("--bn-batches", "bn_batches", type=int, default=None, help="--bn recompute: training batches averaged into the running statistics (default 32).")
+@click.option("--noise", type=click.Choice(["crn", "resample"]), default="crn", show_default=True, help="crn: the same BatchNorm groups at every point (common random numbers, paired errors); resample: a fresh BatchNorm grouping at every evaluated point (the authors' evaluation noise).")
+@click.option("--significance", type=float, default=0.0, show_default=True, metavar="Z", help="floor: interior and convex decisions need a margin of Z standard errors (0: plain comparisons).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA when available).")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True)
 @click.option("--spans", default=None, help="Barrier spans in records, e.g. 1,2,5 (default 1).")
@@ -71,7 +75,7 @@ def _options(pairs):
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
 @click.option("--quiet", "-q", "--no-progress", "quiet", is_flag=True, help="No estimate line and no progress bar (the bar is also off when stderr is not a terminal, unless --progress).")
 @click.option("--progress", "force_progress", is_flag=True, help="Show the estimate and the progress bar even when stderr is not a terminal (log files, CI).")
-def analyze(archive, out, metrics, steps, alphas, eval_, bn, device, dtype, spans, loss, model, data, trust_specs, extra,
+def analyze(archive, out, metrics, steps, alphas, eval_, bn, bn_batch, bn_batches, noise, significance, device, dtype, spans, loss, model, data, trust_specs, extra,
             k, subset_seed, flush_seconds, curvature_split, strategy, as_json, quiet, force_progress):
     """Replay pairs of consecutive records of ARCHIVE and measure the loss landscape along the SGD path.
 
@@ -91,11 +95,15 @@ def analyze(archive, out, metrics, steps, alphas, eval_, bn, device, dtype, span
         opts = _options(extra)
         if k is not None:
             opts["k"] = k
+        if significance:  # only when set: the default adds nothing to any configuration
+            opts["significance"] = significance
+        bn_kw = {} if bn_batches is None else {"bn_batches": bn_batches}
         report = run_analysis(
             archive, out, metrics=names, steps=steps, alphas=alphas, spans=spans, eval=eval_ or DEFAULT_EVAL, bn=bn,
             device=device, dtype=dtype, loss=loss, model=model, data=data, trust_specs=trust_specs,
             options=opts, subset_seed=subset_seed, flush_seconds=flush_seconds, curvature_split=curvature_split,
             progress=not quiet and (force_progress or sys.stderr.isatty()), strategy=strategy,
+            bn_batch=bn_batch, noise=noise, **bn_kw,
         )
     except SgdwalkError as err:
         _fail(err)

@@ -24,10 +24,16 @@ def _describe(cfg: dict) -> str:
         kind = ev.get("kind", "?")
         parts.append(f"eval={kind}:{ev['n']}" if kind == "subset" else f"eval={kind}")
         parts.append(f"bn={shared.get('bn')}")
+        if "bn_batch" in shared:  # BatchNorm batch (train groups / recompute batches) and recompute batch count
+            parts.append(f"bn_batch={shared['bn_batch']}" + (f"x{shared['bn_batches']}" if "bn_batches" in shared else ""))
+        if shared.get("noise"):
+            parts.append(f"noise={shared['noise']}")
         parts.append(shared.get("dtype", ""))
     if not shared:
         parts.append("parameters only")
     opts = cfg.get("options", {})
+    if opts.get("significance"):
+        parts.append(f"significance={opts['significance']:g}se")
     if "alphas" in opts and cfg.get("metric") == "interpolation":
         al = opts["alphas"]
         parts.append(f"alphas={al[0]:g}..{al[-1]:g}({len(al)})")
@@ -92,6 +98,8 @@ _LABELS = {
     "convex_fraction": "convex",
     "interior_fraction": "interior",
     "median_height": "median height (all)",
+    "median_height_se": "median height se",
+    "median_loss_se": "median loss se",
     "interior_pairs": "interior pairs",
     "median_interior_height": "median interior height",
     "descent_pairs": "descent steps",

@@ -237,6 +237,8 @@ class Floor(Metric):
             "convex_fraction": float(np.mean(rows["convex"][ok])) if ok.any() else float("nan"),
             "interior_fraction": float(np.mean(rows["interior"][ok])) if ok.any() else float("nan"),
             "median_height": float(np.median(h)) if len(h) else float("nan"),
+            **({"median_height_se": float(np.nanmedian(rows["height_se"][ok])) if np.isfinite(rows["height_se"][ok]).any()
+                else float("nan")} if "height_se" in rows else {}),
             "median_a_star": float(np.median(rows["a_star"][ok])) if ok.any() else float("nan"),
             "nonfinite_pairs": int((~ok).sum()),
         }

@@ -45,4 +45,6 @@ class Interpolation(Metric):
         start = loss[:, al.index(0.0)] if 0.0 in al and len(al) == loss.shape[1] else np.full(len(loss), np.nan)
         with np.errstate(all="ignore"):  # L(θ_t) is the grid point a = 0, not the first one (--alphas=-0.5:1.5:41)
             return {"nonfinite_pairs": int((~np.isfinite(loss)).any(axis=1).sum()),
-                    "median_loss_start": float(np.nanmedian(start)) if np.isfinite(start).any() else float("nan")}
+                    "median_loss_start": float(np.nanmedian(start)) if np.isfinite(start).any() else float("nan"),
+                    **({"median_loss_se": float(np.nanmedian(rows["loss_se"])) if np.isfinite(rows["loss_se"]).any()
+                        else float("nan")} if "loss_se" in rows else {})}
