@@ -110,6 +110,11 @@ def _draw_run(ax: Axes, run: Run, color: str, interp: MetricData, rows: np.ndarr
     sa, sb = interp["step_a"][rows], interp["step_b"][rows]
     loss = np.asarray(interp["loss"], dtype=float)[rows][:, seg]
     x, y = joined_curve(sa, sb, alphas[seg], loss)
+    if "loss_se" in interp.arrays:  # error band: ±1 standard error of each point's loss (interpolation v2)
+        se = np.asarray(interp["loss_se"], dtype=float)[rows][:, seg]
+        _, e = joined_curve(sa, sb, alphas[seg], se)
+        if np.isfinite(e).any():
+            ax.fill_between(x, y - e, y + e, color=color, alpha=0.25, lw=0, label="±1 standard error")
     ax.plot(x, y, color=color, lw=1.2)
     has0 = np.isclose(alphas[seg], 0.0)
     if has0.any():
