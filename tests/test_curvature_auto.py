@@ -224,7 +224,9 @@ OLD_HASHES = {
 def _options_hash(name: str, overrides: dict) -> str:
     cls = get_metric(name)
     inst = cls(**overrides)
-    cfg = {"metric": cls.name, "version": cls.version,
+    # version 1, as when the hashes were taken: hessian_top and sharpness are version 2 since issue 13 item 5 (their
+    # eos_ratio became momentum-aware, a deliberate recompute); what must not change is the options part
+    cfg = {"metric": cls.name, "version": 1,
            "options": {k: v for k, v in inst.options.items() if k not in cls.unit_options}}
     return config_hash(cfg)
 
