@@ -10,6 +10,8 @@ this module. Metrics only see a :class:`ReplayContext`.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -132,6 +134,9 @@ def analyze(
         bn_eff = bn if has_batchnorm(m) else "none"
         evdata = resolve_eval_data(traj, source, pairs, single, eval_spec, bn_eff, loss, bn_batch=bn_batch,
                                    bn_batches=bn_batches, subset_seed=subset_seed, device=dev, dtype=tdtype)
+        if eval_spec.kind == "subset" and evdata.eval_x is not None and len(evdata.eval_x) < eval_spec.n:
+            # the default subset:2000 on a smaller split takes every sample: record the N actually used
+            eval_spec = dataclasses.replace(eval_spec, n=len(evdata.eval_x))
         evaluator = build_evaluator(m, traj, evdata, device=dev, dtype=tdtype, bn_eff=bn_eff, loss=loss,
                                     max_elems=max_elems, fast_path=fast_path, strategy=strategy,
                                     bn_seed=bn_seed(subset_seed), noise=noise)
