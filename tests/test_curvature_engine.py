@@ -68,8 +68,13 @@ def exact_hessian(archive, state_fn, bn_batches: int | None = None, batchnorm: b
         if not bn_batches:
             return F.cross_entropy(functional_call(model, (out, buffers), (x,)), y)
         total = 0
-        for idx in torch.tensor_split(torch.arange(len(x)), bn_batches):
-            total = total + len(idx) / len(x) * F.cross_entropy(functional_call(model, (out, buffers), (x[idx],)), y[idx])
+        if isinstance(bn_batches, int):  # near-equal chunks of the stored order
+            groups = torch.tensor_split(torch.arange(len(x)), bn_batches)
+        else:  # explicit groups of sample indices
+            groups = bn_batches
+        n_used = sum(len(idx) for idx in groups)
+        for idx in groups:
+            total = total + len(idx) / n_used * F.cross_entropy(functional_call(model, (out, buffers), (x[idx],)), y[idx])
         return total
 
     H = torch.autograd.functional.hessian(f, p.double())
@@ -144,11 +149,15 @@ def test_hessian_top_at_floor(archive, tmp_path):
 
 
 def test_batchnorm_train_policy_matches_batched_reference(bn_archive, tmp_path):
-    # BatchNorm in train mode: the loss is the size-weighted mean over BatchNorm batches of bn_batch (= the
-    # recorded minibatch size, 32) samples; the Hessian differentiates through the batch statistics
-    rep = run(bn_archive, tmp_path / "bn.h5", metrics=["hessian_top", "interpolation"], bn="train", steps="0:1")
+    # BatchNorm in train mode: the loss is the mean over BatchNorm batches of bn_batch (32) samples of a seeded
+    # permutation; the Hessian differentiates through the batch statistics
+    rep = run(bn_archive, tmp_path / "bn.h5", metrics=["hessian_top", "interpolation"], bn="train", steps="0:1", bn_batch=32)
     top = rep.tables["hessian_top"].arrays()
-    evals, _, loss = exact_hessian(bn_archive, lambda traj: (traj.params(0), traj.buffers(0)), bn_batches=math.ceil(N_EVAL / 32),
+    # the documented grouping, written out independently: a permutation seeded by subset_seed + 2 (= 2), cut into
+    # true batches of 32, the remainder (200 % 32 = 8 samples) dropped
+    perm = torch.randperm(N_EVAL, generator=torch.Generator().manual_seed(2))
+    groups = [perm[j * 32 : (j + 1) * 32] for j in range(N_EVAL // 32)]
+    evals, _, loss = exact_hessian(bn_archive, lambda traj: (traj.params(0), traj.buffers(0)), bn_batches=groups,
                                    batchnorm=True)
     assert np.allclose(top["eigenvalues"][0], evals[:3], rtol=1e-6)
     assert top["loss"][0] == pytest.approx(loss, rel=1e-10)

@@ -443,6 +443,14 @@ def objective_for(ctx: Any, state: torch.Tensor, pair: int, **kw: Any) -> "Objec
             bufs[e.name] = sd[e.name]
     minibatch = getattr(getattr(ctx, "eval", None), "kind", "") == "minibatch"
     bn_batch = len(x) if minibatch else ev.bn_batch
+    if ev.bn_policy == "train" and getattr(ev, "has_bn", False):
+        # the evaluator's BatchNorm groups (seeded permutation, true batches, remainder dropped): curvature
+        # differentiates exactly the loss the interpolation metrics measure at the same point
+        from ..bn_groups import bn_grouping
+
+        order, sizes = bn_grouping(len(x), bn_batch, getattr(ev, "bn_seed", 0))
+        order = order.to(x.device)
+        x, y, bn_batch = x[order], y[order], sizes[0]
     obj = Objective(ev.model, views, bufs, x, y, loss=ev.loss, bn=ev.bn_policy, bn_batch=bn_batch,
                     recompute_batches=ev.recompute_batches, p0=state[:n_params], **kw)
     shard = getattr(ctx, "data_shard", None)
