@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -43,6 +44,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
+
+# torch's forward-mode AD loads its jvp decompositions through torch.jit.script on first use, which warns that
+# jit.script is deprecated: torch's own internals, nothing a user can act on, printed in the middle of `analyze`.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 __all__ = ["Objective", "HVP_MODES", "OPERATORS", "COST_LOSS", "COST_GRAD", "COST_HVP"]
 
