@@ -32,21 +32,51 @@ def json_object(text: str | None, option: str) -> dict[str, Any]:
     return value
 
 
+def _source_description(target: str) -> str | None:
+    """The ``description`` class attribute of ``module:Class``, read from its source with ``ast`` (no import, so no
+    torch): None when the module cannot be found or the attribute is not a plain string literal."""
+    import ast
+    import importlib.util
+
+    mod, _, attr = target.partition(":")
+    try:
+        spec = importlib.util.find_spec(mod)
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            return None
+        with open(spec.origin, encoding="utf-8") as fh:
+            tree = ast.parse(fh.read())
+    except (ImportError, OSError, SyntaxError, ValueError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == attr:
+            for stmt in node.body:
+                if (isinstance(stmt, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "description" for t in stmt.targets)
+                        and isinstance(stmt.value, ast.Constant) and isinstance(stmt.value.value, str)):
+                    return stmt.value.value
+    return None
+
+
 def metric_lines() -> list[tuple[str, str]]:
     """(name, description) of every available metric: built-ins, registered ones and 'sgdwalk.metrics' plug-ins.
 
-    Imports the analysis package (and with it torch): called for ``sgdwalk analyze --help`` only.
+    Called for ``sgdwalk analyze --help`` only. Descriptions are read from the metric classes' source without
+    importing them (importing a metric imports torch: seconds); a plug-in whose source cannot be read that way is
+    imported, and a broken one is listed with the reason instead of failing the help.
     """
-    from trajectory.analysis import available_metrics, get_metric
+    from trajectory.analysis.metric import available_metrics, get_metric
 
     rows = []
     for name, source in available_metrics().items():
-        try:
-            desc = getattr(get_metric(name), "description", "") or ""
-        except Exception as err:  # a broken plug-in is listed, not fatal for --help
-            desc = f"(cannot load: {one_line(err)})"
-        if "entry point" in source:
-            desc = f"{desc} [plug-in {source.replace(' (entry point)', '')}]".strip()
+        plugin = "entry point" in source
+        target = source.replace(" (entry point)", "")
+        desc = _source_description(target) if ":" in target else None
+        if desc is None:
+            try:
+                desc = getattr(get_metric(name), "description", "") or ""
+            except Exception as err:  # a broken plug-in is listed, not fatal for --help
+                desc = f"(cannot load: {one_line(err)})"
+        if plugin:
+            desc = f"{desc} [plug-in {target}]".strip()
         rows.append((name, desc))
     return rows
 

@@ -53,6 +53,19 @@ def test_help_and_version_import_no_torch(flag):
             assert f"\n  {cmd} " in text
 
 
+def test_analyze_help_lists_every_builtin_metric_without_importing_torch():
+    code = CLI + "try:\n    main(['analyze', '--help'], prog_name='sgdwalk')\nexcept SystemExit:\n    pass\n" \
+                 "print('TORCH', 'torch' in sys.modules)"
+    done = _python(code)
+    assert done.returncode == 0, done.stderr
+    assert "TORCH False" in done.stdout, done.stdout[-500:]
+    from trajectory.analysis.metric import _BUILTIN, get_metric
+
+    text = "".join(done.stdout.split())  # click wraps lines, also after hyphens
+    for name in _BUILTIN:  # each with the description its class carries (read from source, not imported)
+        assert name in text and "".join(get_metric(name).description.split()) in text, name
+
+
 def test_analyze_help_lists_every_metric_including_plugins(tmp_path):
     site = install_metric_plugin(tmp_path / "site", "sgdwalk_midloss", PLUGIN, "midloss", "MidLoss")
     code = CLI + "main(['analyze', '--help'], prog_name='sgdwalk')"

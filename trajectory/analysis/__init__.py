@@ -8,13 +8,35 @@ Public API::
 
 See docs/analysis.md (usage, metric plug-ins) and docs/results.md (results file schema).
 """
-from .engine import DEFAULT_EVAL, AnalysisReport, ReplayContext, analyze, archive_identity
+import importlib
+from typing import Any
+
 from .errors import AnalysisError, MetricError, ResultsError, ResultsLockedError, ResultsMismatchError
-from .evaluator import Evaluator
-from .metric import DEFAULT_METRICS, ENTRY_POINT_GROUP, Metric, available_metrics, get_metric, register_metric
-from .options import EvalSpec, parse_alphas, parse_eval, parse_spans, parse_steps
-from .results import RESULTS_FORMAT, RESULTS_VERSION, ResultsFile, Table, default_results_path
-from .summary import format_summary, summarize_file
+
+#: where each public name lives; imported on first access, so ``import trajectory.analysis`` (and the metric
+#: registry in :mod:`.metric`, which ``sgdwalk analyze --help`` lists) costs no torch import
+_LAZY = {
+    **dict.fromkeys(("DEFAULT_EVAL", "AnalysisReport", "ReplayContext", "analyze", "archive_identity"), ".engine"),
+    "Evaluator": ".evaluator",
+    **dict.fromkeys(("DEFAULT_METRICS", "ENTRY_POINT_GROUP", "Metric", "available_metrics", "get_metric",
+                     "register_metric"), ".metric"),
+    **dict.fromkeys(("EvalSpec", "parse_alphas", "parse_eval", "parse_spans", "parse_steps"), ".options"),
+    **dict.fromkeys(("RESULTS_FORMAT", "RESULTS_VERSION", "ResultsFile", "Table", "default_results_path"), ".results"),
+    **dict.fromkeys(("format_summary", "summarize_file"), ".summary"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "analyze",
