@@ -18,6 +18,7 @@ search is sgdwalk's own `floor_peaks`.
     OMP_NUM_THREADS=1 python benchmarks/claim4_barriers.py --out claim4_out          # ~12 min, 1 thread (shared)
     OMP_NUM_THREADS=1 python benchmarks/claim4_barriers.py --quick --out /tmp/c4q    # smoke run, ~3 min
 
+Resumable: a command whose output file exists in OUT is skipped (delete the file to recompute it).
 Every command is printed and appended to OUT/commands.sh; OUT/summary.json and OUT/summary.md hold
 the counts. Results are discussed in docs/reproduction.md ("Claim 4 revisited").
 """
@@ -43,18 +44,22 @@ SETUPS = {
     "cnn_bn-2d": ("cnn_bn", {"width": 8, "input_dim": 2},
                   "synthetic", {"num_samples": 2000, "input_shape": [1, 8, 8], "separation": 0.5}),
 }
-FULL = dict(lrs=(0.1, 0.5), seeds=(0,), start=186, pairs=24, spans="1,2,4,8", eval="subset:1000")
+FULL = dict(lrs=(0.1, 0.5), seeds=(0, 1), start=186, pairs=24, spans="1,2,4,8", eval="subset:1000")
 QUICK = dict(lrs=(0.5,), seeds=(0,), start=62, pairs=8, spans="1,2,4", eval="subset:1000")
 MODES = ("crn", "resample")
 TOL = 1e-3   # nats, sgdwalk's default barrier_tol
 Z = 2.0      # standard errors
 
 
-def run(cmd: list[str], out: Path) -> float:
+def run(cmd: list[str], out: Path, product: str) -> float:
+    """Run one sgdwalk command in OUT unless its product exists (resumable); log it either way."""
     shown = "OMP_NUM_THREADS=1 sgdwalk " + " ".join(shlex.quote(c) for c in cmd)
     print(shown, flush=True)
     with (out / "commands.sh").open("a") as f:
         f.write(shown + "\n")
+    if (out / product).exists():
+        print(f"  ({product} exists: skipped; remove it to recompute)", flush=True)
+        return math.nan
     t0 = time.perf_counter()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, "-m", "trajectory.cli", *cmd], cwd=out, env=env, check=True)
@@ -133,15 +138,13 @@ def main() -> None:
                                          "--data-kwargs", json.dumps(dkw), "--lr", f"{lr:g}", "--batch-size", "64",
                                          "--steps", str(a + n + 1), "--seed", str(seed),
                                          "--record", f"window:{a}-{a + n + 1}:1", "--device", "cpu",
-                                         "--no-progress", "--overwrite", "--out", arch], out)}
+                                         "--no-progress", "--overwrite", "--out", arch], out, arch)}
                 entry: dict = {}
                 for mode in MODES:
                     res = f"{name}.{mode}.results.h5"
-                    if (out / res).exists():
-                        (out / res).unlink()
                     timings[mode] = run(["analyze", arch, "--steps", f"{a}:{a + n}", "--eval", cfg["eval"],
                                          "--bn", "train", "--bn-batch", "100", "--noise", mode,
-                                         "--spans", cfg["spans"], "--device", "cpu", "-q", "-o", res], out)
+                                         "--spans", cfg["spans"], "--device", "cpu", "-q", "-o", res], out, res)
                     entry[mode] = count(out / res)
                 entry["seconds"] = timings
                 results["runs"][name] = entry
