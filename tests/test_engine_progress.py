@@ -91,7 +91,13 @@ def test_progress_is_thread_safe():
 
 def test_curvature_cli_shows_estimate_and_a_moving_bar_with_eta(archive, tmp_path, monkeypatch):
     """The issue's acceptance: 10 pairs of hessian_top show an up-front estimate and a bar that moves with an ETA."""
-    monkeypatch.setenv("TQDM_MININTERVAL", "0")  # print every update: no dependence on how fast this machine is
+    # print every update: no dependence on how fast this machine is, and no adaptive skipping of small updates after
+    # a large one (tqdm reads TQDM_* environment defaults only when it is first imported, so patch the class instead)
+    import functools
+
+    import tqdm.auto
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", functools.partial(tqdm.auto.tqdm, mininterval=0, miniters=1))
     res = CliRunner().invoke(analyze_cmd, [archive, "--steps", "0:10", "--metric", "hessian_top", "--eval", "subset:50",
                                            "--device", "cpu", "--option", "iters=8", "--alphas", "0:1:3",
                                            "--progress", "--out", str(tmp_path / "r.h5")])
