@@ -42,6 +42,9 @@ from .replay_strategies import STRATEGIES, Strategy, make_strategy, mlp_plan
 
 __all__ = ["Evaluator", "has_batchnorm"]
 
+#: The plain-MLP bmm route is kept unless calibration measures another strategy this much faster (see calibrate()).
+MLP_MARGIN = 1.5
+
 
 def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, _BatchNorm) for m in model.modules())
@@ -353,6 +356,11 @@ class Evaluator:
         if chosen is None:  # pragma: no cover - the loop strategy runs whatever the model
             raise AnalysisError("no evaluation strategy could run this model")
         rate, name, share = chosen
+        mlp_rate = rates.get("mlp", 0.0)
+        if name != "mlp" and mlp_rate > 0 and rate < MLP_MARGIN * mlp_rate:
+            # the bmm route holds many points per pass while calibration times only a few, so a close call is a
+            # misreading: measured end to end on the sample archive, 'loop' timed 1.11x faster here yet ran 2x slower
+            rate, name, share = mlp_rate, "mlp", False
         info = {
             "name": name + ("+shared" if share else ""),
             "rate": float(rate),
