@@ -17,6 +17,15 @@ import torch
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Every module starts on one intra-op thread, whatever an earlier module's trainer (Lightning, HF) set."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_mlp(batchnorm: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     torch.manual_seed(seed)
     layers: list[torch.nn.Module] = [torch.nn.Linear(8, 16)]

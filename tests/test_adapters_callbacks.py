@@ -34,13 +34,6 @@ def _cli():
     return main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_data(split: str = "train", augment: bool = False) -> TensorDataset:
     """The Lightning run's training data (a data factory named by the recorded data spec)."""

@@ -11,14 +11,6 @@ from trajectory import Recorder, Trajectory
 LR = 0.1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add synchronisation cost (large on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _flat(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])

@@ -20,14 +20,6 @@ N = 36  # 9 batches of 4: with 2-batch accumulation an epoch ends with a 1-batch
 SEQ = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add synchronisation cost (large on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_missing_transformers_gives_a_one_line_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)

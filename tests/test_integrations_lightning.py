@@ -19,14 +19,6 @@ from trajectory import Trajectory
 LR = 0.1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add synchronisation cost (large on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_missing_lightning_gives_a_one_line_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "pytorch_lightning", None)  # None in sys.modules: "not installed"
