@@ -45,6 +45,7 @@ from .archive.codecs import DEFAULT_CODEC, get_codec
 from .archive.layout import BUFFERS, BUFFERS_INT, PARAMS, ROW_DATASETS, Layout
 from .archive.writer import ArchiveWriter
 from .errors import LayoutMismatchError, RecorderError
+from .optimizer_state import gather_state, recorded_state_keys, state_step_tensor
 from .schedules import Every, Schedule, parse_schedule
 
 __all__ = ["Recorder"]
@@ -146,11 +147,15 @@ def optimizer_info(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 class _Slot:
     """Host rows for one record in flight (pinned when the model lives on CUDA)."""
 
-    def __init__(self, layout: Layout, pin: bool):
+    def __init__(self, layout: Layout, pin: bool, optimizer_keys: tuple[str, ...] = ()):
         self.rows = {}
         for d in ROW_DATASETS:
             dtype = getattr(torch, str(layout.storage_dtype(d)))
             self.rows[d] = torch.empty(layout.sizes[d], dtype=dtype, pin_memory=pin)
+        # optimizer state rows, in params layout and dtype, plus the optimizer's step count
+        pdtype = getattr(torch, str(layout.storage_dtype(PARAMS)))
+        self.opt = {k: torch.empty(layout.sizes[PARAMS], dtype=pdtype, pin_memory=pin) for k in optimizer_keys}
+        self.opt_step = torch.empty((), dtype=torch.float64, pin_memory=pin) if optimizer_keys else None
         self.event: torch.cuda.Event | None = None
         self.step = -1
         self.time = 0.0
@@ -167,6 +172,10 @@ class Recorder:
         The model being trained; its state at construction is recorded as step ``start_step``.
     optimizer : Optimizer, optional
         Stored as provenance (class, hyperparameters); its learning rate is logged as scalar ``lr``.
+    optimizer_state : bool
+        Also record the optimizer's per-parameter state with every record (``optimizer/<key>`` rows in params
+        order: SGD's ``momentum_buffer``, Adam/AdamW's ``exp_avg``/``exp_avg_sq``; see docs/format.md), snapshot
+        like the parameters. Off by default: it adds one or two params-sized rows per record.
     schedule : Schedule or str
         Which steps to record (default every step); see :mod:`trajectory.schedules`.
     indices : RecordingBatchSampler, optional
@@ -217,6 +226,7 @@ class Recorder:
         chunk_rows: int | None = None,
         locking: bool | None = None,
         start_step: int | None = None,
+        optimizer_state: bool = False,
     ):
         from .specs import importing_spec
 
@@ -241,6 +251,14 @@ class Recorder:
             self.layout = Layout(e for e in self.layout.entries if e.dataset == PARAMS)
         self._record_buffers = record_buffers
         self._refs = self._tensor_refs()
+        self._opt_keys: tuple[str, ...] = ()
+        self._opt_has_step = False
+        if optimizer_state:
+            if optimizer is None:
+                raise RecorderError(
+                    "optimizer_state=True needs the optimizer whose state to record: Recorder(..., optimizer=opt, optimizer_state=True)"
+                )
+            self._opt_keys, self._opt_has_step = recorded_state_keys(optimizer)
         attrs = {
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "sgdwalk_version": __version__,
@@ -257,7 +275,10 @@ class Recorder:
             "metadata": _jsonable(_with_sampler_batch_size(metadata, indices)),
             "optimizer": optimizer_info(optimizer) if optimizer is not None else "",
         }
-        self._writer = ArchiveWriter(self.path, self.layout, mode=mode, codec=codec, attrs=attrs, chunk_rows=chunk_rows, locking=locking)
+        self._writer = ArchiveWriter(
+            self.path, self.layout, mode=mode, codec=codec, attrs=attrs, chunk_rows=chunk_rows, locking=locking,
+            optimizer_keys=self._opt_keys,
+        )
         last = self._writer.last_step
         self.step = int(start_step if start_step is not None else (last if last is not None else 0))
         self._last_recorded: int | None = last
@@ -271,7 +292,7 @@ class Recorder:
         if slots is None:
             slots = self._default_slots()
         for _ in range(max(1, slots)):
-            self._free.put(_Slot(self.layout, pin=self._cuda))
+            self._free.put(_Slot(self.layout, pin=self._cuda, optimizer_keys=self._opt_keys))
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=4096)
         self._pending: list[tuple] = []  # this thread's items not yet handed to the writer
         self._pending_since = 0.0
@@ -449,6 +470,8 @@ class Recorder:
                     torch.cat([p.reshape(-1) if p.dtype == dt else p.reshape(-1).to(dt) for p in parts], out=flat)
                 else:  # tensors on several devices (model parallel): gather piece by piece
                     torch.cat([p.detach().reshape(-1).to("cpu", flat.dtype) for p in parts], out=flat)
+            if self._opt_keys:
+                self._snapshot_optimizer(slot)
             if self._cuda:
                 slot.event = torch.cuda.Event()
                 slot.event.record()
@@ -460,9 +483,53 @@ class Recorder:
             self._put(item)
         return item
 
+    def _snapshot_optimizer(self, slot: _Slot) -> None:
+        """Copy the optimizer state into the slot exactly as the parameters are copied (same device rules).
+
+        Parameters without state (before the first step, frozen ones, ones outside the optimizer) give zeros.
+        The step count is copied as a tensor (non-blocking on CUDA), so the loop never waits for the device.
+        """
+        params = self._refs[PARAMS]
+        for key in self._opt_keys:
+            flat = slot.opt[key]
+            parts = gather_state(self.optimizer, params, key)
+            if self._cuda:
+                staging = self._staging.get("optimizer/" + key)
+                if staging is None:
+                    staging = self._staging["optimizer/" + key] = torch.empty(flat.shape, dtype=flat.dtype, device=self._device)
+                self._fill(staging, parts, params)
+                flat.copy_(staging, non_blocking=True)
+            elif self._device is not None:
+                self._fill(flat, parts, params)
+            else:  # model parallel: gather piece by piece onto the host
+                self._fill(flat, [None if t is None else t.to("cpu") for t in parts], params)
+        step = state_step_tensor(self.optimizer, params)
+        if step is None:
+            slot.opt_step.fill_(0.0 if self._opt_has_step else float("nan"))
+        elif isinstance(step, torch.Tensor):
+            slot.opt_step.copy_(step.detach().reshape(()), non_blocking=self._cuda)
+        else:
+            slot.opt_step.fill_(float(step))
+
+    @staticmethod
+    def _fill(out: torch.Tensor, parts: list[torch.Tensor | None], params: list[torch.Tensor]) -> None:
+        """Concatenate state tensors into ``out`` in params order; zeros where a parameter has none."""
+        dt = out.dtype
+        if all(t is not None for t in parts):
+            torch.cat([t.detach().reshape(-1) if t.dtype == dt else t.detach().reshape(-1).to(dt) for t in parts], out=out)
+            return
+        out.zero_()
+        off = 0
+        for t, p in zip(parts, params):
+            n = p.numel()
+            if t is not None:
+                out[off : off + n].copy_(t.detach().reshape(-1))
+            off += n
+
     def _default_slots(self) -> int:
         """Twice a chunk's rows (the writer pauses to compress a whole chunk), capped at 16 MiB, >= 4."""
         row_bytes = sum(self.layout.sizes[d] * self.layout.storage_dtype(d).itemsize for d in ROW_DATASETS)
+        row_bytes += len(self._opt_keys) * self.layout.sizes[PARAMS] * self.layout.storage_dtype(PARAMS).itemsize
         store = self._writer.rows.get(PARAMS)
         chunk_rows = store.chunk_rows if store is not None else 4
         return max(4, min(2 * chunk_rows, (16 << 20) // max(1, row_bytes)))
@@ -563,7 +630,11 @@ class Recorder:
             if slot.event is not None:
                 slot.event.synchronize()
             rows = {d: slot.rows[d].numpy() for d in w.rows}
-            w.add_record(slot.step, rows, slot.time)
+            if slot.opt:
+                opt_rows = {k: v.numpy() for k, v in slot.opt.items()}
+                w.add_record(slot.step, rows, slot.time, optimizer_rows=opt_rows, state_step=float(slot.opt_step))
+            else:
+                w.add_record(slot.step, rows, slot.time)
             self._free.put(slot)
         elif kind == "batch":
             w.add_batch(item[1], item[2])

@@ -38,6 +38,21 @@ BOOKKEEPING_DTYPES = {
 MAX_LAYOUT_ENTRIES = 1_000_000
 MAX_ROW_VALUES = 1 << 36
 
+#: Optimizer state (issue 14 item 5), optional: datasets ``optimizer/<key>`` shaped like ``params`` and
+#: ``optimizer/state_step`` (n_records,) float64, listed by the root attribute ``optimizer_state`` (JSON list of keys).
+#: Readers that ignore unknown datasets read such archives unchanged, so the format version stays 1.
+OPTIMIZER_GROUP = "optimizer"
+OPTIMIZER_STATE_ATTR = "optimizer_state"
+OPTIMIZER_STEP = "optimizer/state_step"
+#: The per-parameter state keys sgdwalk records: SGD's momentum buffer and Adam/AdamW's moments.
+OPTIMIZER_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def optimizer_dataset(key: str) -> str:
+    """Name of the row dataset holding optimizer-state ``key`` (e.g. ``optimizer/exp_avg``)."""
+    return f"{OPTIMIZER_GROUP}/{key}"
+
+
 #: Root attribute holding a random UUID (RFC 4122 text) written when the archive is created: the run's identity.
 ARCHIVE_UUID = "archive_uuid"
 

@@ -42,7 +42,7 @@ def archive_info(source: Any) -> dict[str, Any]:
     ``closed_cleanly``, ``checksums`` (every chunk carries a Fletcher32 checksum), ``archive_uuid`` (or None), ``nonfinite`` (``records``, ``first_step``, ``values``), ``batches``
     (``records_with_batch``, ``single_step_pairs``, ``replayable_pairs``), ``scalars`` (name ->
     ``count``, ``first_step``, ``first``, ``last_step``, ``last``), ``model_spec``, ``data_spec``,
-    ``model_class``, ``optimizer``, ``seed``, ``versions``, ``created``, ``argv``, ``metadata``.
+    ``model_class``, ``optimizer``, ``optimizer_state`` (recorded optimizer-state keys, [] when none), ``seed``, ``versions``, ``created``, ``argv``, ``metadata``.
     Non-finite scalar values are reported as ``None`` (JSON has no NaN).
     """
     from .reader import Trajectory
@@ -62,6 +62,9 @@ def _info(traj: Any) -> dict[str, Any]:
     for d in ROW_DATASETS:
         if layout.sizes[d]:
             row_bytes += layout.sizes[d] * layout.storage_dtype(d).itemsize
+    opt_keys = list(traj.optimizer_state_keys)
+    if opt_keys:  # optimizer-state rows are params-sized rows too (plus 8 bytes of state_step)
+        row_bytes += len(opt_keys) * layout.sizes[PARAMS] * layout.storage_dtype(PARAMS).itemsize + 8
     file_bytes = os.path.getsize(traj.path)
     raw_bytes = n * row_bytes
 
@@ -130,6 +133,7 @@ def _info(traj: Any) -> dict[str, Any]:
         "data_spec": _spec_dict(attrs.get("data_spec")),
         "model_class": attrs.get("model_class") or None,
         "optimizer": optimizer if isinstance(optimizer, dict) else (optimizer or None),
+        "optimizer_state": opt_keys,
         "seed": seed,
         "versions": versions,
         "created": attrs.get("created"),
@@ -266,6 +270,8 @@ def format_info(info: dict[str, Any]) -> str:
         rows.append(("model class", info["model_class"]))
     rows.append(("data", _spec_text(info["data_spec"])))
     rows.append(("optimizer", _optimizer_text(info["optimizer"])))
+    if info.get("optimizer_state"):
+        rows.append(("optimizer state", ", ".join(info["optimizer_state"])))
     rows.append(("seed", "-" if info["seed"] is None else str(info["seed"])))
     rows.append(("created", str(info["created"] or "-")))
     if info["versions"]:

@@ -206,6 +206,11 @@ class Trajectory:
                 d: _RowReader(self._file[d], self.path, self.layout.storage_dtype(d), cache_bytes)
                 for d in ROW_DATASETS if d in self._file
             }
+            self._optimizer_keys = self._check_optimizer()
+            self._opt_rows = {
+                k: _RowReader(self._file[fmt.optimizer_dataset(k)], self.path, self.layout.storage_dtype(PARAMS), cache_bytes)
+                for k in self._optimizer_keys
+            }
             self._load_meta()
         except SgdwalkError:
             self._file.close()
@@ -350,6 +355,60 @@ class Trajectory:
                 raise self._fail(f"dataset '{d}' is not chunked")
             self._check_declared(d, ds)
 
+    def _check_optimizer(self) -> tuple[str, ...]:
+        """The optimizer-state keys the ``optimizer_state`` attribute lists, each dataset checked like ``params``."""
+        f = self._file
+        raw = self._attrs.get(fmt.OPTIMIZER_STATE_ATTR, None)
+        if raw is None or (isinstance(raw, str) and raw == ""):
+            return ()
+        if not isinstance(raw, list) or not all(isinstance(k, str) for k in raw):
+            raise self._fail(f"attribute '{fmt.OPTIMIZER_STATE_ATTR}' is not a JSON list of names")
+        keys = tuple(raw)
+        for k in keys:
+            if k not in fmt.OPTIMIZER_KEYS:
+                raise self._fail(f"attribute '{fmt.OPTIMIZER_STATE_ATTR}' lists an unknown key {safe(k, 40)}")
+        if len(set(keys)) != len(keys):
+            raise self._fail(f"attribute '{fmt.OPTIMIZER_STATE_ATTR}' lists a key twice")
+        if not keys:
+            return ()
+        size = self.layout.sizes[PARAMS]
+        logical = self.layout.storage_dtype(PARAMS)
+        disk = self.codec.disk_dtype(logical)
+        for k in keys:
+            name = fmt.optimizer_dataset(k)
+            if name not in f:
+                raise self._fail(f"attribute '{fmt.OPTIMIZER_STATE_ATTR}' lists '{k}' but dataset '{name}' is missing")
+            ds = f[name]
+            if not isinstance(ds, h5py.Dataset) or ds.ndim != 2:
+                raise self._fail(f"dataset '{name}' is not a 2-D row dataset")
+            if ds.shape[1] != size:
+                raise self._fail(f"dataset '{name}' rows hold {ds.shape[1]} values but the layout has {size} parameters")
+            if ds.dtype != disk:
+                raise self._fail(f"dataset '{name}' is stored as {ds.dtype}, codec {self.codec.name} stores {disk}")
+            stored_logical = ds.attrs.get("logical_dtype", None)
+            if isinstance(stored_logical, bytes):
+                stored_logical = stored_logical.decode(errors="replace")
+            if str(stored_logical) != str(logical):
+                raise self._fail(f"dataset '{name}' says logical dtype {safe(stored_logical, 20)}, params are {logical}")
+            transform = ds.attrs.get("transform", None)
+            if isinstance(transform, bytes):
+                transform = transform.decode(errors="replace")
+            if str(transform) != self.codec.transform:
+                raise self._fail(f"dataset '{name}' has transform {safe(transform, 20)} but codec {self.codec.name} uses '{self.codec.transform}'")
+            if ds.chunks is None:
+                raise self._fail(f"dataset '{name}' is not chunked")
+            self._check_declared(name, ds)
+        name = fmt.OPTIMIZER_STEP
+        if name not in f:
+            raise self._fail(f"attribute '{fmt.OPTIMIZER_STATE_ATTR}' lists {list(keys)} but dataset '{name}' is missing")
+        ds = f[name]
+        if not isinstance(ds, h5py.Dataset) or ds.ndim != 1:
+            raise self._fail(f"dataset '{name}' is not 1-D")
+        if ds.dtype != np.dtype("<f8"):
+            raise self._fail(f"dataset '{name}' has dtype {ds.dtype}, expected float64")
+        self._check_declared(name, ds)
+        return keys
+
     def _read_meta(self, name: str, d: h5py.Dataset, stop: int | None = None) -> np.ndarray:
         """Read a bookkeeping dataset (or its first ``stop`` entries); a corrupt chunk is one line."""
         try:
@@ -376,7 +435,9 @@ class Trajectory:
         n = self._len(fmt.STEPS)
         for d in self._rows:
             n = min(n, self._len(d))
-        for name in (fmt.RECORD_TIME, fmt.NONFINITE):
+        opt_names = [fmt.optimizer_dataset(k) for k in self._optimizer_keys]
+        opt_names += [fmt.OPTIMIZER_STEP] if self._optimizer_keys else []
+        for name in (fmt.RECORD_TIME, fmt.NONFINITE, *opt_names):
             if self._len(name) < n:
                 if clean:
                     raise self._fail(f"dataset '{name}' has {f[name].shape[0]} entries for {n} records")
@@ -415,6 +476,11 @@ class Trajectory:
                     raise self._fail(f"batches/end points past the {n_indices} stored indices")
                 else:
                     raise self._fail("batches/end is not non-decreasing from 0")
+        if clean:
+            for name in opt_names:
+                if self._len(name) != n:
+                    raise self._fail(f"dataset '{name}' has {f[name].shape[0]} entries for {n} records")
+        self._state_step = self._read_meta(fmt.OPTIMIZER_STEP, f[fmt.OPTIMIZER_STEP], n) if opt_names else None
         self._n = n
         self._steps = steps
         self._batch_step, self._batch_end = batch_step, ends
@@ -423,7 +489,7 @@ class Trajectory:
             #: Number of training samples when known (set by whoever built the data): batch indices are then
             #: checked against it, as they are always checked to be non-negative.
             self.data_size: int | None = None
-        for reader in self._rows.values():
+        for reader in (*self._rows.values(), *self._opt_rows.values()):
             reader.steps = steps
 
     def refresh(self) -> int:
@@ -434,8 +500,10 @@ class Trajectory:
         if not self._file.swmr_mode:
             return self._n
         try:
-            for reader in self._rows.values():
+            for reader in (*self._rows.values(), *self._opt_rows.values()):
                 reader.dset.refresh()
+            if self._optimizer_keys:
+                self._file[fmt.OPTIMIZER_STEP].refresh()
             for name in (fmt.STEPS, fmt.RECORD_TIME, fmt.NONFINITE, fmt.BATCH_STEP, fmt.BATCH_END, fmt.BATCH_INDICES, fmt.SCALARS):
                 self._file[name].refresh()
         except (OSError, RuntimeError) as err:
@@ -482,6 +550,8 @@ class Trajectory:
         """True when every dataset's chunks carry an HDF5 Fletcher32 checksum (archives written before them do not)."""
         f = self._file
         names = [d for d in ROW_DATASETS if d in f] + list(fmt.BOOKKEEPING_DTYPES)
+        if self._optimizer_keys:
+            names += [fmt.optimizer_dataset(k) for k in self._optimizer_keys] + [fmt.OPTIMIZER_STEP]
         return all(bool(f[n].fletcher32) for n in names)
 
     @property
@@ -559,6 +629,48 @@ class Trajectory:
         """Parameters of records [start, stop) as a 2-D tensor, decoded chunk by chunk."""
         start, stop = max(0, start), min(stop, self._n)
         return torch.from_numpy(self._rows[PARAMS].rows(start, stop, self._n))
+
+    # ------------------------------------------------------------------ optimizer state
+    @property
+    def optimizer_state_keys(self) -> tuple[str, ...]:
+        """Recorded optimizer-state keys (``momentum_buffer``; ``exp_avg``, ``exp_avg_sq``[, ``max_exp_avg_sq``]); empty when none."""
+        return self._optimizer_keys
+
+    def _no_optimizer_state(self) -> ArchiveError:
+        return ArchiveError(
+            f"{self.path} records no optimizer state; record it with Recorder(..., optimizer=opt, optimizer_state=True) "
+            "or `sgdwalk train --record-optimizer-state`"
+        )
+
+    def optimizer_state(self, i: int) -> dict[str, torch.Tensor]:
+        """Optimizer state at record ``i`` (when params row ``i`` was taken): flat vectors in params layout order.
+
+        Keys are :attr:`optimizer_state_keys` plus ``"step"``, a 0-d float64 tensor (Adam's ``state['step']``,
+        NaN for optimizers without a step count). Parameters without state hold 0; so does every parameter at a
+        record taken before the optimizer's first step. Raises :class:`ArchiveError` when nothing was recorded.
+        """
+        if not self._optimizer_keys:
+            raise self._no_optimizer_state()
+        i = self._check_index(i)
+        out = {k: torch.from_numpy(np.array(r.row(i, self._n), copy=True)) for k, r in self._opt_rows.items()}
+        out["step"] = torch.tensor(float(self._state_step[i]), dtype=torch.float64)
+        return out
+
+    def optimizer_state_block(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """One optimizer-state key at records [start, stop) as a 2-D tensor, decoded chunk by chunk."""
+        if not self._optimizer_keys:
+            raise self._no_optimizer_state()
+        if key not in self._opt_rows:
+            raise ArchiveError(f"{self.path} records optimizer state {list(self._optimizer_keys)}, not {safe(key, 40)}")
+        start, stop = max(0, start), min(stop, self._n)
+        return torch.from_numpy(self._opt_rows[key].rows(start, stop, self._n))
+
+    @property
+    def optimizer_state_steps(self) -> np.ndarray:
+        """``optimizer/state_step`` of every record (float64; NaN for optimizers without a step count)."""
+        if not self._optimizer_keys:
+            raise self._no_optimizer_state()
+        return np.asarray(self._state_step, dtype=np.float64)
 
     def state_dict(self, i: int) -> dict[str, torch.Tensor]:
         """Record ``i`` as a state dict (names, shapes and dtypes of the recorded model)."""

@@ -34,10 +34,13 @@ def verify_archive(path: str | os.PathLike, *, data_size: int | None = None) -> 
         steps = traj.steps
         f = traj.file
 
+        opt_rows = {fmt.optimizer_dataset(k): r for k, r in traj._opt_rows.items()}
+        record_sets = set(ROW_DATASETS) | set(opt_rows) | {fmt.OPTIMIZER_STEP}
+
         def bad(dataset: str, start: int, stop: int, error: str) -> None:
-            stop = min(stop, n) if dataset in ROW_DATASETS else stop
+            stop = min(stop, n) if dataset in record_sets else stop
             entry: dict[str, Any] = {"dataset": dataset, "first": int(start), "last": int(stop - 1), "error": error}
-            if dataset in ROW_DATASETS and n and start < n:
+            if dataset in record_sets and n and start < n:
                 entry["steps"] = [int(steps[start]), int(steps[max(start, stop - 1)])]
             problems.append(entry)
 
@@ -58,12 +61,19 @@ def verify_archive(path: str | os.PathLike, *, data_size: int | None = None) -> 
                     continue
                 if block.dtype.kind == "f":
                     counts[start:stop] += block.shape[1] - np.count_nonzero(np.isfinite(block), axis=1)
+        for d, reader in opt_rows.items():  # optimizer state: checksums only (nonfinite counts the state-dict rows)
+            for start in range(0, n, reader.chunk_rows):
+                stop = min(start + reader.chunk_rows, n)
+                try:
+                    reader.rows(start, stop, n)
+                except ArchiveError as err:
+                    bad(d, start, stop, str(err))
         if nonfinite is not None:
             for i in np.flatnonzero(nonfinite != counts):
                 if not any(p["dataset"] in ROW_DATASETS and p["first"] <= i <= p["last"] for p in problems):
                     bad(fmt.NONFINITE, int(i), int(i) + 1,
                         f"record {int(i)} (step {int(steps[i])}) holds {int(counts[i])} NaN/Inf values but the archive recorded {int(nonfinite[i])}")
-        for name in (fmt.RECORD_TIME, fmt.BATCH_INDICES, fmt.SCALARS):
+        for name in (fmt.RECORD_TIME, fmt.BATCH_INDICES, fmt.SCALARS) + ((fmt.OPTIMIZER_STEP,) if opt_rows else ()):
             d = f[name]
             chunk = d.chunks[0] if d.chunks else max(1, d.shape[0])
             for start in range(0, d.shape[0], chunk):
@@ -100,7 +110,8 @@ def format_verify(report: dict[str, Any]) -> str:
     lines = [f"DAMAGED: {escape(report['path'])}: {len(report['problems'])} problem(s) in {report['records']} records ({what})"]
     for p in report["problems"]:
         where = f"{p['first']}-{p['last']}" if p["last"] > p["first"] else f"{p['first']}"
-        unit = "records" if p["dataset"] in ROW_DATASETS or p["dataset"] == fmt.NONFINITE else "entries"
+        record_sets = (*ROW_DATASETS, fmt.NONFINITE, fmt.OPTIMIZER_STEP)
+        unit = "records" if p["dataset"] in record_sets or p["dataset"].startswith(fmt.OPTIMIZER_GROUP + "/") else "entries"
         steps = f" (steps {p['steps'][0]}-{p['steps'][1]})" if p.get("steps") else ""
         lines.append(f"bad: {p['dataset']} {unit} {where}{steps}: {escape(p['error'])}")
     return "\n".join(lines)

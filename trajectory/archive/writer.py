@@ -17,7 +17,7 @@ import json
 import uuid
 import os
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import h5py
 import hdf5plugin  # noqa: F401  (registers the Blosc/zstd HDF5 filters the datasets use)
@@ -123,6 +123,10 @@ class ArchiveWriter:
         Root attributes (provenance) written at creation; values that are dicts/lists are stored as JSON.
     locking : bool or None
         Passed to h5py; ``False`` for network file systems without working locks.
+    optimizer_keys : sequence of str
+        Optimizer-state keys (``format.OPTIMIZER_KEYS``) recorded with every record as ``optimizer/<key>``
+        rows shaped like ``params``, plus ``optimizer/state_step``; empty (default) records none. Appending
+        requires the archive's keys to be the same.
     """
 
     def __init__(
@@ -135,8 +139,13 @@ class ArchiveWriter:
         attrs: Mapping[str, Any] | None = None,
         chunk_rows: int | None = None,
         locking: bool | None = None,
+        optimizer_keys: Sequence[str] = (),
     ):
         self.path = os.fspath(path)
+        self.optimizer_keys: tuple[str, ...] = tuple(optimizer_keys)
+        unknown = [k for k in self.optimizer_keys if k not in fmt.OPTIMIZER_KEYS]
+        if unknown or len(set(self.optimizer_keys)) != len(self.optimizer_keys):
+            raise ValueError(f"optimizer_keys must be distinct names among {list(fmt.OPTIMIZER_KEYS)}, not {list(self.optimizer_keys)}")
         mode = open_mode(self.path, mode)
         kw = {} if locking is None else {"locking": locking}
         self._open_kw = kw
@@ -161,6 +170,11 @@ class ArchiveWriter:
         self.rows = {
             d: _RowStore(f[d], self.codec, layout.storage_dtype(d), n) for d in ROW_DATASETS if d in f
         }
+        # Optimizer state rows: same codec, chunking and checksums as params, written and flushed with them.
+        self.opt_rows = {
+            k: _RowStore(f[fmt.optimizer_dataset(k)], self.codec, layout.storage_dtype(PARAMS), n) for k in self.optimizer_keys
+        }
+        self.state_step = _Column(f[fmt.OPTIMIZER_STEP]) if self.optimizer_keys else None
         self.steps = _Column(f[fmt.STEPS])
         self.times = _Column(f[fmt.RECORD_TIME])
         self.nonfinite = _Column(f[fmt.NONFINITE])
@@ -225,6 +239,20 @@ class ArchiveWriter:
             ds.attrs["logical_dtype"] = str(logical)
             ds.attrs["transform"] = self.codec.transform if logical.kind == "f" else "none"
         meta = _filter_kwargs(META_FILTER, None)
+        if self.optimizer_keys:
+            f.attrs[fmt.OPTIMIZER_STATE_ATTR] = json.dumps(list(self.optimizer_keys))
+            n_values = layout.sizes[PARAMS]
+            logical = layout.storage_dtype(PARAMS)
+            chunks = fmt.chunk_shape(n_values, logical.itemsize, chunk_rows)
+            for key in self.optimizer_keys:
+                ds = f.create_dataset(
+                    fmt.optimizer_dataset(key), shape=(0, n_values), maxshape=(None, n_values),
+                    dtype=self.codec.disk_dtype(logical), chunks=chunks, fletcher32=True, **self.codec.h5_kwargs(),
+                )
+                ds.attrs["logical_dtype"] = str(logical)
+                ds.attrs["transform"] = self.codec.transform
+            f.create_dataset(fmt.OPTIMIZER_STEP, shape=(0,), maxshape=(None,), dtype="<f8", chunks=(fmt.META_CHUNK,),
+                             fletcher32=True, **meta)
         for name, dtype in (
             (fmt.STEPS, "<i8"),
             (fmt.RECORD_TIME, "<f8"),
@@ -246,18 +274,61 @@ class ArchiveWriter:
             )
         if Layout.from_table(f[fmt.LAYOUT][()]) != layout:
             raise LayoutMismatchError(f"cannot append to {self.path}: the model's layout differs from the archive's")
+        stored = self._stored_optimizer_keys()
+        if stored != self.optimizer_keys:
+            have = f"records optimizer state {list(stored)}" if stored else "records no optimizer state"
+            want = f"optimizer state {list(self.optimizer_keys)}" if self.optimizer_keys else "no optimizer state"
+            raise ArchiveFormatError(
+                f"cannot append to {self.path}: it {have} but this run records {want}; "
+                "record the same optimizer state as the archive or start a new archive"
+            )
         n = f[fmt.STEPS].shape[0]  # a killed writer may have left rows past the last complete record
         for d in ROW_DATASETS:
             if d in f and f[d].shape[0] != n:
                 f[d].resize(n, axis=0)
+        for d in [fmt.optimizer_dataset(k) for k in stored] + ([fmt.OPTIMIZER_STEP] if stored else []):
+            if f[d].shape[0] < n:  # flushes write these before steps, so only damage makes them shorter
+                raise ArchiveFormatError(f"cannot append to {self.path}: dataset '{d}' holds fewer rows than its {n} records")
+            if f[d].shape[0] != n:
+                f[d].resize(n, axis=0)
         if "closed_cleanly" in f.attrs:
             del f.attrs["closed_cleanly"]
 
+    def _stored_optimizer_keys(self) -> tuple[str, ...]:
+        """The optimizer-state keys an existing archive lists (empty when it records none)."""
+        raw = self.file.attrs.get(fmt.OPTIMIZER_STATE_ATTR, "")
+        if isinstance(raw, bytes):
+            raw = raw.decode(errors="replace")
+        try:
+            keys = json.loads(raw) if raw else []
+        except (TypeError, ValueError):
+            keys = None
+        if not isinstance(keys, list) or not all(isinstance(k, str) and k in fmt.OPTIMIZER_KEYS for k in keys):
+            raise ArchiveFormatError(f"cannot append to {self.path}: its '{fmt.OPTIMIZER_STATE_ATTR}' attribute is damaged")
+        for k in keys:
+            if fmt.optimizer_dataset(k) not in self.file or (fmt.OPTIMIZER_STEP not in self.file):
+                raise ArchiveFormatError(f"cannot append to {self.path}: it lists optimizer state '{k}' but lacks its dataset")
+        return tuple(keys)
+
     # ------------------------------------------------------------------ writing
-    def add_record(self, step: int, rows: Mapping[str, np.ndarray], wall_time: float | None = None) -> None:
-        """Queue one record; full chunks are written at once, partial ones at :meth:`flush`."""
+    def add_record(
+        self,
+        step: int,
+        rows: Mapping[str, np.ndarray],
+        wall_time: float | None = None,
+        optimizer_rows: Mapping[str, np.ndarray] | None = None,
+        state_step: float = float("nan"),
+    ) -> None:
+        """Queue one record; full chunks are written at once, partial ones at :meth:`flush`.
+
+        ``optimizer_rows`` (key -> flat row in params layout) and ``state_step`` are required exactly when
+        the writer records optimizer state; they do not count towards ``nonfinite`` (which stays the count
+        of the state-dict rows, as readers that ignore the optimizer datasets expect).
+        """
         if self._failed is not None:
             raise self._failed
+        if self.optimizer_keys and (optimizer_rows is None or any(k not in optimizer_rows for k in self.optimizer_keys)):
+            raise ValueError(f"this archive records optimizer state {list(self.optimizer_keys)}: pass every key's row")
         if self.last_step is not None and step <= self.last_step:
             raise ArchiveFormatError(
                 f"record for step {step} is not after the archive's last step {self.last_step}; steps must increase"
@@ -269,6 +340,10 @@ class ArchiveWriter:
             if row.dtype.kind == "f":
                 bad += int(row.size - np.count_nonzero(np.isfinite(row)))
             full |= store.add(row)
+        if self.optimizer_keys:
+            for k, store in self.opt_rows.items():
+                full |= store.add(optimizer_rows[k])
+            self.state_step.add(float(state_step))
         self.steps.add(step)
         self.times.add(time.time() if wall_time is None else wall_time)
         self.nonfinite.add(bad)
@@ -303,9 +378,10 @@ class ArchiveWriter:
         if self._failed is not None:
             raise self._failed
         try:
-            for store in self.rows.values():
+            for store in (*self.rows.values(), *self.opt_rows.values()):
                 store.write()
-            for col in (self.times, self.nonfinite, self.batch_indices, self.batch_end, self.batch_step, self.scalars):
+            cols = [self.times, self.nonfinite, self.batch_indices, self.batch_end, self.batch_step, self.scalars]
+            for col in cols + ([self.state_step] if self.state_step is not None else []):
                 col.write()
             self.file.flush()  # every row and column durable before steps says they exist
             self.steps.write()
