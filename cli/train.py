@@ -1,4 +1,4 @@
-"""``sgdwalk train``: train a zoo model (or your own factory) with plain SGD, recording its trajectory.
+"""``sgdwalk train``: train a zoo model (or your own factory) with SGD or Adam, recording its trajectory.
 
 A thin layer over :func:`trajectory.training.train`; loaded by the ``sgdwalk`` group only when invoked.
 """
@@ -24,7 +24,11 @@ __all__ = ["train_command"]
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Minibatch size.")
 @click.option("--steps", type=int, default=1000, show_default=True, help="Total number of SGD updates of the run.")
 @click.option("--momentum", type=float, default=0.0, show_default=True, help="SGD momentum (0 keeps every update exactly replayable).")
-@click.option("--weight-decay", type=float, default=0.0, show_default=True, help="SGD weight decay.")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True, help="Weight decay (L2, added to the gradient).")
+@click.option("--optimizer", "optimizer_name", type=click.Choice(["sgd", "adam"]), default="sgd", show_default=True, help="torch.optim.SGD or torch.optim.Adam.")
+@click.option("--betas", default="0.9,0.999", show_default=True, metavar="B1,B2", help="Adam's betas.")
+@click.option("--eps", type=float, default=1e-8, show_default=True, help="Adam's eps.")
+@click.option("--record-optimizer-state", is_flag=True, help="Also record the optimizer state (SGD momentum buffer; Adam exp_avg, exp_avg_sq) with every record; --append then continues from it.")
 @click.option("--lr-drop", multiple=True, metavar="STEP:FACTOR", help="Multiply the learning rate by FACTOR from update STEP on (repeatable).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initialisation and of the minibatch order.")
 @click.option("--record", "schedule", default="every", show_default=True, metavar="SCHEDULE", help="Which steps to record: every | every:K | steps:A,B | pairs:T1,T2 | pairs-every:P | window:0-1000:1,1000-:100 | A+B.")
@@ -49,6 +53,10 @@ def train_command(
     steps: int,
     momentum: float,
     weight_decay: float,
+    optimizer_name: str,
+    betas: str,
+    eps: float,
+    record_optimizer_state: bool,
     lr_drop: tuple[str, ...],
     seed: int,
     schedule: str,
@@ -63,7 +71,7 @@ def train_command(
     quiet: bool,
     as_json: bool,
 ) -> None:
-    """Train a model with plain SGD and record its trajectory to an archive.
+    """Train a model with SGD (or Adam) and record its trajectory to an archive.
 
     \b
     Examples:
@@ -71,6 +79,7 @@ def train_command(
       sgdwalk train --model mlp --model-kwargs '{"hidden": [32, 32]}' --steps 300 --out small.h5
       sgdwalk train --model vgg11_bn --data cifar10 --data-dir ~/data --lr 0.1 --batch-size 100 \\
           --weight-decay 1e-4 --steps 50000 --record window:0-500:1,500-:100 --out vgg.h5
+      sgdwalk train --optimizer adam --lr 0.001 --record-optimizer-state --out adam.h5
     """
     from trajectory.training import TrainingInterrupted, train
 
@@ -87,6 +96,10 @@ def train_command(
             steps=steps,
             momentum=momentum,
             weight_decay=weight_decay,
+            optimizer=optimizer_name,
+            betas=betas,
+            eps=eps,
+            record_optimizer_state=record_optimizer_state,
             seed=seed,
             schedule=schedule,
             out=out,

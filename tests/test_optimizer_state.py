@@ -7,6 +7,7 @@ recomputed in float64 from the stored rows alone.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import h5py
@@ -281,3 +282,80 @@ def test_verify_checks_the_optimizer_checksums(tmp_path):
         traj.optimizer_state(3)
         with pytest.raises(ArchiveFormatError, match="dataset 'optimizer/exp_avg_sq' records 8-15"):
             traj.optimizer_state(9)
+
+
+# ------------------------------------------------------------------------------------------ sgdwalk train
+_TRAIN = dict(model="mlp", data="synthetic", model_kwargs={"hidden": [16]}, lr=0.01, batch_size=20, seed=3, progress=False,
+              data_kwargs={"num_samples": 200, "input_shape": [12], "num_classes": 4})
+
+
+@pytest.mark.parametrize("opt_kw", [{"momentum": 0.9}, {"optimizer": "adam", "betas": "0.8,0.95", "eps": 1e-7}])
+def test_resume_restores_the_optimizer_state(tmp_path, opt_kw):
+    from trajectory.training import train
+
+    whole, split = tmp_path / "whole.h5", tmp_path / "split.h5"
+    train(**_TRAIN, **opt_kw, steps=14, record_optimizer_state=True, out=whole)
+    train(**_TRAIN, **opt_kw, steps=6, record_optimizer_state=True, out=split)
+    train(**_TRAIN, **opt_kw, steps=14, record_optimizer_state=True, out=split, mode="a")
+    with Trajectory(whole) as a, Trajectory(split) as b:
+        assert list(a.steps) == list(b.steps) == list(range(15))
+        for i in (6, 7, 14):  # the restored state at 6, the first update after it, and the end
+            assert torch.equal(a.params(i), b.params(i)), i
+            sa, sb = a.optimizer_state(i), b.optimizer_state(i)
+            assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) or (k == "step" and torch.isnan(sa[k])) for k in sa)
+        assert a.optimizer_state(6)[a.optimizer_state_keys[0]].abs().sum() > 0
+
+
+def test_resume_without_recorded_state_warns_and_restarts_the_momentum(tmp_path):
+    from trajectory.training import train
+
+    whole, split = tmp_path / "whole.h5", tmp_path / "split.h5"
+    train(**_TRAIN, momentum=0.9, steps=10, out=whole)
+    train(**_TRAIN, momentum=0.9, steps=5, out=split)
+    with pytest.warns(UserWarning, match="momentum buffer restarts at zero"):
+        train(**_TRAIN, momentum=0.9, steps=10, out=split, mode="a")
+    with Trajectory(whole) as a, Trajectory(split) as b:
+        assert torch.equal(a.params(5), b.params(5)) and not torch.equal(a.params(6), b.params(6))
+
+
+def test_train_refuses_mixed_optimizer_settings_in_one_line(tmp_path):
+    from trajectory.training import train
+
+    for kw, words in (
+        (dict(record_optimizer_state=True), "SGD without momentum keeps no optimizer state"),
+        (dict(optimizer="adam", momentum=0.9), "momentum is an SGD setting"),
+        (dict(optimizer="rmsprop"), "optimizer must be one of sgd, adam"),
+        (dict(optimizer="adam", betas="0.9"), "bad betas"),
+    ):
+        with pytest.raises(ValueError) as err:
+            train(**_TRAIN, steps=3, out=tmp_path / "x.h5", **kw)
+        assert words in str(err.value) and "\n" not in str(err.value)
+    train(**_TRAIN, optimizer="adam", steps=3, out=tmp_path / "adam.h5")
+    with pytest.raises(Exception, match="trained with optimizer adam but this run uses sgd"):
+        train(**_TRAIN, momentum=0.9, steps=5, out=tmp_path / "adam.h5", mode="a")
+
+
+def test_cli_train_adam_with_optimizer_state_then_info(tmp_path):
+    from click.testing import CliRunner
+
+    from cli.main import main
+
+    out = tmp_path / "adam.h5"
+    args = ["train", "--model", "mlp", "--model-kwargs", '{"hidden": [16]}', "--data", "synthetic", "--data-kwargs",
+            '{"num_samples": 200, "input_shape": [12], "num_classes": 4}', "--batch-size", "20", "--steps", "8",
+            "--optimizer", "adam", "--lr", "0.001", "--betas", "0.8,0.95", "--eps", "1e-6", "--record-optimizer-state",
+            "--no-progress", "--out", str(out)]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    with Trajectory(out) as traj:
+        assert traj.optimizer_state_keys == ("exp_avg", "exp_avg_sq")
+        assert traj.attrs["optimizer"]["param_groups"][0]["betas"] == [0.8, 0.95]
+        assert traj.attrs["optimizer"]["param_groups"][0]["eps"] == 1e-6
+        assert [float(traj.optimizer_state(i)["step"]) for i in range(len(traj))] == list(map(float, range(9)))
+    info = CliRunner().invoke(main, ["info", str(out)], catch_exceptions=False)
+    assert info.exit_code == 0 and re.search(r"^optimizer state +exp_avg, exp_avg_sq$", info.output, re.M), info.output
+    plain = tmp_path / "plain.h5"
+    CliRunner().invoke(main, args[:-7] + ["--no-progress", "--out", str(plain)], catch_exceptions=False)
+    assert "optimizer state" not in CliRunner().invoke(main, ["info", str(plain)], catch_exceptions=False).output
+    bad = CliRunner().invoke(main, args[:-1] + [str(tmp_path / "b.h5")] + ["--optimizer", "sgd"])
+    assert bad.exit_code == 2 and bad.output.strip().splitlines()[-1].startswith("error: SGD without momentum")

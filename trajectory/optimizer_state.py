@@ -83,17 +83,22 @@ def state_step_tensor(optimizer: torch.optim.Optimizer, params: Sequence[torch.T
 
 def restore_optimizer_state(
     optimizer: torch.optim.Optimizer,
-    params: Sequence[torch.Tensor],
-    offsets: Sequence[int],
+    model: torch.nn.Module,
     recorded: Mapping[str, torch.Tensor],
 ) -> int:
     """Put a recorded state (:meth:`Trajectory.optimizer_state`) back into ``optimizer``; returns the parameters set.
 
-    ``params`` and ``offsets`` give each parameter's place in the flat rows (the archive's params layout).
-    Parameters outside the optimizer's groups keep no state. A record taken before the first update (Adam step
-    0, or an all-zero SGD buffer) restores nothing: torch then starts the state itself, exactly as the recorded
-    run did.
+    The flat rows are in the params layout of ``model`` (:class:`~trajectory.archive.layout.Layout`). Parameters
+    outside the optimizer's groups, or whose recorded state is all zero (no state), keep none. A record taken before the first update (Adam step 0, or an
+    all-zero SGD buffer) restores nothing: torch then starts the state itself, exactly as the recorded run did.
     """
+    from .archive.layout import PARAMS, Layout
+
+    layout = Layout.from_module(model)
+    tensors = model.state_dict(keep_vars=True)
+    entries = [e for e in layout.entries if e.dataset == PARAMS]
+    params = [tensors[e.name] for e in entries]
+    offsets = [e.offset for e in entries]
     keys = [k for k in recorded if k != "step"]
     step = recorded.get("step")
     step_value = float(step) if step is not None else float("nan")
@@ -109,6 +114,8 @@ def restore_optimizer_state(
         if id(p) not in in_groups:
             continue
         numel = p.numel()
+        if all(not torch.any(recorded[k][off : off + numel] != 0) for k in keys):
+            continue  # zeros are how the archive stores "no state" (frozen, or not yet stepped)
         st = optimizer.state[p]
         for k in keys:
             st[k] = recorded[k][off : off + numel].view(p.shape).to(device=p.device, dtype=p.dtype).clone()

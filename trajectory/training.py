@@ -8,8 +8,11 @@ the same run::
 
 What is fixed on purpose, so that every recorded update can be replayed exactly:
 
-* the optimizer is ``torch.optim.SGD`` (learning rate, momentum, weight decay; no scheduler other
-  than the explicit ``lr_drop`` steps, and every update's learning rate is stored as scalar ``lr``);
+* the optimizer is ``torch.optim.SGD`` (learning rate, momentum, weight decay) or, with
+  ``optimizer="adam"``, ``torch.optim.Adam`` (``betas``, ``eps``); no scheduler other than the explicit
+  ``lr_drop`` steps, and every update's learning rate is stored as scalar ``lr``. With
+  ``record_optimizer_state`` the momentum buffer / Adam moments are recorded with the parameters, and a
+  resumed run continues from them;
 * minibatches come from epochs of :class:`torch.utils.data.RandomSampler` driven by a
   ``torch.Generator`` seeded with ``seed`` (``drop_last=True``, so every batch has ``batch_size``
   samples), repeated until ``steps`` updates are done; their sample indices are recorded through a
@@ -43,7 +46,10 @@ from .samplers import RecordingBatchSampler
 from .schedules import Schedule, parse_schedule
 from .specs import Spec, build_dataset, build_model, resolve_data_spec, resolve_model_spec, size_model_spec
 
-__all__ = ["train", "TrainingInterrupted", "parse_lr_drops", "resolve_device", "StepBatches"]
+__all__ = ["train", "TrainingInterrupted", "parse_lr_drops", "parse_betas", "resolve_device", "StepBatches", "OPTIMIZERS"]
+
+#: Optimizers ``train`` builds (``torch.optim.SGD`` / ``torch.optim.Adam``).
+OPTIMIZERS = ("sgd", "adam")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -135,6 +141,30 @@ def parse_lr_drops(drops: Any) -> list[tuple[int, float]]:
     return sorted(out)
 
 
+def parse_betas(betas: Any) -> tuple[float, float]:
+    """Adam's ``(beta1, beta2)`` from a pair or ``"B1,B2"`` text; each must lie in [0, 1)."""
+    if isinstance(betas, str):
+        parts = [p.strip() for p in betas.split(",")]
+    else:
+        parts = list(betas) if isinstance(betas, (list, tuple)) else [betas]
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        b1, b2 = (float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ValueError(f"bad betas {betas!r}: give two numbers B1,B2 such as 0.9,0.999") from None
+    if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+        raise ValueError(f"bad betas {b1:g},{b2:g}: each must be >= 0 and < 1")
+    return b1, b2
+
+
+def _make_optimizer(name: str, params: Any, *, lr: float, momentum: float, weight_decay: float,
+                    betas: tuple[float, float], eps: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
 def _lr_at(lr: float, drops: Sequence[tuple[int, float]], step: int) -> float:
     for s, f in drops:
         if s <= step:
@@ -201,6 +231,10 @@ def train(
     steps: int = 1000,
     momentum: float = 0.0,
     weight_decay: float = 0.0,
+    optimizer: str = "sgd",
+    betas: Any = (0.9, 0.999),
+    eps: float = 1e-8,
+    record_optimizer_state: bool = False,
     seed: int = 0,
     schedule: Schedule | str = "every",
     out: str | os.PathLike,
@@ -233,6 +267,13 @@ def train(
     lr, batch_size, steps, momentum, weight_decay : SGD settings. ``steps`` is the total number of
         updates of the run; with ``mode="a"`` the run resumes from the archive's last record and
         trains up to ``steps``.
+    optimizer : {'sgd', 'adam'}
+        ``torch.optim.SGD`` (``momentum``) or ``torch.optim.Adam`` (``betas``, ``eps``, torch's defaults;
+        ``weight_decay`` is Adam's L2 term). ``momentum`` must stay 0 with Adam.
+    betas, eps : Adam settings; ``betas`` as a pair or ``"B1,B2"``.
+    record_optimizer_state : bool
+        Record the optimizer state with every record (SGD's momentum buffer, Adam's ``exp_avg`` and
+        ``exp_avg_sq``; see docs/format.md). Needs momentum > 0 with SGD.
     seed : int
         Seeds the model initialisation (``torch.manual_seed``) and the minibatch order.
     schedule : Schedule or str
@@ -243,7 +284,8 @@ def train(
     mode : {'x', 'w', 'a'}
         'x' refuses an existing ``out``, 'w' overwrites it, 'a' appends: the model is loaded from
         the archive's last record and training continues on the same minibatch sequence (exact for
-        plain SGD without momentum or augmentation; a momentum buffer restarts at zero).
+        plain SGD without augmentation; the momentum buffer / Adam moments continue from the last record
+        when the archive holds the optimizer state, and restart at zero otherwise).
     codec : str, optional
         Archive codec; ``None`` uses the lossless default.
     device : str, optional
@@ -288,6 +330,14 @@ def train(
     _check_number("steps", steps, minimum=1, integer=True)
     _check_number("momentum", momentum, minimum=0.0)
     _check_number("weight_decay", weight_decay, minimum=0.0)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {optimizer!r}")
+    betas = parse_betas(betas)
+    _check_number("eps", eps, minimum=0.0)
+    if optimizer == "adam" and momentum:
+        raise ValueError("momentum is an SGD setting; with optimizer adam set betas instead")
+    if record_optimizer_state and optimizer == "sgd" and not momentum:
+        raise ValueError("SGD without momentum keeps no optimizer state to record; set momentum > 0 or drop --record-optimizer-state")
     _check_number("seed", seed, minimum=0, integer=True)
     _check_number("num_workers", num_workers, minimum=0, integer=True)
     if mode not in ("x", "w", "a"):
@@ -326,13 +376,21 @@ def train(
     net = build_model(model_spec, trusted=True)
 
     start = 0
+    recorded_state = None
     if mode == "a" and os.path.exists(out):
-        start = _resume_from(out, net, model_spec, data_spec, steps, seed, batch_size)
+        start, recorded_state = _resume_from(out, net, model_spec, data_spec, steps, seed, batch_size, optimizer)
     net.to(dev)
     net.train()
-    opt = torch.optim.SGD(net.parameters(), lr=_lr_at(lr, drops, start), momentum=momentum, weight_decay=weight_decay)
-    if start and momentum:
-        warnings.warn(f"resuming {out} at step {start} with momentum {momentum}: the momentum buffer restarts at zero", stacklevel=2)
+    opt = _make_optimizer(optimizer, net.parameters(), lr=_lr_at(lr, drops, start), momentum=momentum,
+                          weight_decay=weight_decay, betas=betas, eps=eps)
+    if recorded_state is not None:
+        from .optimizer_state import restore_optimizer_state
+
+        restore_optimizer_state(opt, net, recorded_state)
+    elif start and (momentum or optimizer == "adam"):
+        what = "the Adam moments restart" if optimizer == "adam" else "the momentum buffer restarts"
+        warnings.warn(f"resuming {out} at step {start} with {optimizer} momentum: {what} at zero (the archive holds no "
+                      "optimizer state; record it with --record-optimizer-state)", stacklevel=2)
 
     batches = StepBatches(len(dataset), batch_size, seed, start, steps)
     tracker = RecordingBatchSampler(batches)
@@ -352,6 +410,8 @@ def train(
         "steps": steps,
         "momentum": momentum,
         "weight_decay": weight_decay,
+        "optimizer": optimizer,
+        **({"betas": list(betas), "eps": eps} if optimizer == "adam" else {}),
         "lr_drop": [list(d) for d in drops],
         "augment": bool(augment),
         "device": str(dev),
@@ -366,6 +426,7 @@ def train(
     }
     rec_kwargs: dict[str, Any] = dict(
         optimizer=opt,
+        optimizer_state=bool(record_optimizer_state),
         schedule=schedule,
         indices=tracker,
         mode=mode,
@@ -480,13 +541,18 @@ def _archive_counts(path: str) -> tuple[int, str]:
         return len(traj), traj.codec.name
 
 
-def _resume_from(out: str, net: torch.nn.Module, model_spec: Spec, data_spec: Spec, steps: int, seed: int, batch_size: int) -> int:
-    """Load the last record of an archive we append to (after checking it is the same run); return its step."""
+def _resume_from(
+    out: str, net: torch.nn.Module, model_spec: Spec, data_spec: Spec, steps: int, seed: int, batch_size: int, optimizer: str
+) -> tuple[int, dict[str, torch.Tensor] | None]:
+    """Load the last record of an archive we append to (after checking it is the same run).
+
+    Returns its step and, when the archive records the optimizer state, that record's state (to restore).
+    """
     from .archive.reader import Trajectory
 
     with Trajectory(out) as traj:
         if len(traj) == 0:
-            return 0
+            return 0, None
         attrs = traj.attrs
         for key, spec in (("model_spec", model_spec), ("data_spec", data_spec)):
             text = attrs.get(key)
@@ -502,11 +568,15 @@ def _resume_from(out: str, net: torch.nn.Module, model_spec: Spec, data_spec: Sp
                     f"cannot append to {out}: it was recorded with {name} {stored} but this run uses {mine}; "
                     "resuming needs the same minibatch sequence"
                 )
+        stored_opt = meta.get("optimizer", "sgd")  # archives from before --optimizer were SGD
+        if isinstance(stored_opt, str) and stored_opt != optimizer:
+            raise SgdwalkError(f"cannot append to {out}: it was trained with optimizer {stored_opt} but this run uses {optimizer}")
         last = int(traj.steps[-1])
         if last >= steps:
             raise ValueError(f"cannot append to {out}: it already reaches step {last} and --steps is {steps}; raise --steps")
         traj.load_into(net, len(traj) - 1)
-    return last
+        state = traj.optimizer_state(len(traj) - 1) if traj.optimizer_state_keys else None
+    return last, state
 
 
 def _dumps(obj: Any) -> str:
