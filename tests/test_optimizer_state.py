@@ -359,3 +359,72 @@ def test_cli_train_adam_with_optimizer_state_then_info(tmp_path):
     assert "optimizer state" not in CliRunner().invoke(main, ["info", str(plain)], catch_exceptions=False).output
     bad = CliRunner().invoke(main, args[:-1] + [str(tmp_path / "b.h5")] + ["--optimizer", "sgd"])
     assert bad.exit_code == 2 and bad.output.strip().splitlines()[-1].startswith("error: SGD without momentum")
+
+
+# ------------------------------------------------------------------------------------------ a killed writer
+# As in test_crash_and_live_reading: the child sets every parameter to its step s and every momentum buffer to
+# 10 s (Adam-free, so the value is known exactly), flushes once, keeps writing unflushed records, and is SIGKILLed.
+_KILLED_WRITER = """
+import sys, time, torch
+from trajectory import Recorder
+path, flush_at = sys.argv[1], int(sys.argv[2])
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(50, 40), torch.nn.BatchNorm1d(40), torch.nn.Linear(40, 5))
+opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+def set_to(step):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float(step))
+            if step:
+                opt.state[p]["momentum_buffer"] = torch.full_like(p, 10.0 * step)
+set_to(0)
+rec = Recorder(path, model, optimizer=opt, optimizer_state=True, chunk_rows=8, flush_interval=3600)
+for s in range(1, 10_000):
+    set_to(s)
+    rec.record(batch_indices=[s])
+    if s == flush_at:
+        rec.flush()
+        print("FLUSHED", s, flush=True)
+    if s > flush_at:
+        time.sleep(0.002)
+"""
+
+
+def test_sigkill_leaves_the_optimizer_rows_readable_up_to_the_last_flush(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    path = tmp_path / "killed.h5"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(path), "21"], stdout=subprocess.PIPE, text=True, env=env)
+    line = proc.stdout.readline()
+    assert line.startswith("FLUSHED"), line
+    time.sleep(0.3)  # unflushed records and whole chunks after the flush
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with Trajectory(path) as traj:
+        assert not traj.closed_cleanly and len(traj) >= 22
+        assert list(traj.steps) == list(range(len(traj)))
+        for i in range(len(traj)):
+            assert torch.all(traj.params(i) == float(i))
+            st = traj.optimizer_state(i)
+            assert torch.all(st["momentum_buffer"] == 10.0 * i) and torch.isnan(st["step"]), i
+        n = len(traj)
+    # appending after the crash continues the optimizer rows from the last complete record
+    model = torch.nn.Sequential(torch.nn.Linear(50, 40), torch.nn.BatchNorm1d(40), torch.nn.Linear(40, 5))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with Recorder(path, model, optimizer=opt, optimizer_state=True, mode="a", chunk_rows=8) as rec:
+        assert rec.step == n - 1
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float(n))
+                opt.state[p]["momentum_buffer"] = torch.full_like(p, 10.0 * n)
+        rec.record(batch_indices=[n])
+    with Trajectory(path) as traj:
+        assert traj.closed_cleanly and len(traj) == n + 1
+        assert torch.all(traj.optimizer_state(n)["momentum_buffer"] == 10.0 * n)
+        assert torch.all(traj.optimizer_state(n - 1)["momentum_buffer"] == 10.0 * (n - 1))
