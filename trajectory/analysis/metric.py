@@ -45,6 +45,7 @@ _BUILTIN = {
     "gradients": "trajectory.analysis.metrics.gradients:Gradients",
     "eigen_split": "trajectory.analysis.metrics.eigen_split:EigenSplit",
     "per_layer": "trajectory.analysis.metrics.per_layer:PerLayer",
+    "optimizer": "trajectory.analysis.metrics.optimizer:OptimizerMetric",
 }
 _REGISTERED: dict[str, type] = {}
 

@@ -20,6 +20,7 @@ from .fig_barriers import barriers_figure
 from .fig_curvature import CURVATURE_METRICS, curvature_figure, esd_figure
 from .fig_dynamics import dynamics_figure
 from .fig_gradients import eigen_split_figure, gradients_figure, per_layer_figure
+from .fig_optimizer import optimizer_figure
 from .fig_interpolation import floor_matches, interpolation_figure
 from .load import Run, load_runs
 from .options import DEFAULT_WINDOW_PAIRS, Window, parse_formats, parse_window
@@ -93,6 +94,13 @@ FIGURES: tuple[FigureSpec, ...] = (
         "Per parameter group (archive layout order, shade by index): step length, distance from the first record, "
         "and the loss change when that group alone moves along the update.",
         ("per_layer",), lambda runs, window, max_pairs: per_layer_figure(runs)),
+    FigureSpec(
+        "optimizer", "Optimizer-aware analysis",
+        "From the recorded optimizer state: the sharpness against the recorded optimizer's stability threshold "
+        "(SGD: λ_max(H) and (2 + 2β)/lr; Adam: λ_max(P⁻¹H) and (2 + 2β1)/((1 − β1)·lr), Cohen et al. 2022), the "
+        "update split (SGD: momentum and gradient parts; Adam: the step against lr·‖P⁻¹g‖), and the relative "
+        "error of the gradient recovered from the state against the replayed minibatch gradient.",
+        ("optimizer",), lambda runs, window, max_pairs: optimizer_figure(runs)),
 )
 
 
