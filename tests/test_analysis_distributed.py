@@ -308,3 +308,54 @@ def test_an_error_on_one_rank_stops_every_rank_with_one_line(archive, tmp_path):
     assert len(errors) == 2 and all("different archive" in ln for ln in errors), stderr[-2000:]
     assert partial_files(out) == []  # the check runs before any rank opens a partial file
     assert sum(t.rows_computed for t in _tables(out).values()) == 3  # the other archive's results are untouched
+
+
+def _record_with_optimizer_state(path, make_opt, steps: int = 5, seed: int = 2) -> str:
+    """The zoo MLP trained by ``make_opt`` with its optimizer state recorded (metric ``optimizer``)."""
+    import torch.nn.functional as F
+
+    from test_analysis_support import data_spec, mlp_spec
+    from trajectory import Recorder
+
+    torch.manual_seed(seed)
+    spec = mlp_spec()
+    model = spec.build()
+    x, y = data_spec().build(split="train").tensors
+    opt = make_opt(model.parameters())
+    g = torch.Generator().manual_seed(seed)
+    with Recorder(path, model, optimizer=opt, optimizer_state=True, model_spec=spec, data_spec=data_spec(), flush_interval=0.1) as rec:
+        for _ in range(steps):
+            idx = torch.randint(0, len(x), (32,), generator=g)
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            rec.record(batch_indices=idx, loss=loss.detach())
+    return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,split", [("sgd", "pairs"), ("adam", "data")])
+def test_optimizer_metric_under_torchrun_equals_one_process(kind, split, tmp_path):
+    """Metric ``optimizer`` (issue 14 item 5) with 2 gloo processes: whole pairs per rank (SGD momentum) and the
+    evaluation data split across ranks for the Lanczos runs (Adam): the rows of one process."""
+    make = (lambda ps: torch.optim.SGD(ps, lr=0.2, momentum=0.9)) if kind == "sgd" else (lambda ps: torch.optim.Adam(ps, lr=0.01))
+    arch = _record_with_optimizer_state(tmp_path / "run.h5", make)
+    ref = tmp_path / "ref.h5"
+    analyze(arch, ref, metrics=["optimizer"], eval="subset:150", dtype="float64", options={"iters": 60, "tol": 1e-10},
+            distributed=False)
+    out = tmp_path / "dist.h5"
+    args = ["--out", str(out), "--metric", "optimizer", "--eval", "subset:150", "--dtype", "float64", "--option", "iters=60",
+            "--option", "tol=1e-10", "--curvature-split", split, "-q"]
+    p = _torchrun(2, [arch, *args])
+    _, stderr = p.communicate(timeout=600)
+    assert p.returncode == 0, stderr[-3000:]
+    got, want = _tables(out), _tables(ref)
+    key = next(k for k in want if k[0] == "optimizer")
+    a, b = got[key].arrays(), want[key].arrays()
+    assert set(a) == set(b) and (b["status"] == 0).all() and len(b["pair"]) == 5
+    # data split: sums over ranks in another order, so Lanczos agrees to its float rounding, not bit for bit
+    rtol = 1e-10 if split == "pairs" else 1e-8
+    for col in b:
+        np.testing.assert_allclose(np.asarray(a[col], dtype=np.float64), np.asarray(b[col], dtype=np.float64),
+                                   rtol=rtol, atol=1e-12, equal_nan=True, err_msg=f"optimizer.{col}")
