@@ -167,6 +167,7 @@ def test_recorder_refuses_optimizer_state_it_cannot_record(tmp_path):
         (torch.optim.SGD(model.parameters(), lr=0.1), "SGD without momentum"),
         (torch.optim.Adagrad(model.parameters(), lr=0.1), "'sum'"),  # Adagrad creates its state ('step', 'sum') at once
         (torch.optim.RMSprop(model.parameters(), lr=0.1), "RMSprop has no state yet"),
+        (type("ZeroRedundancyOptimizer", (torch.optim.SGD,), {})(model.parameters(), lr=0.1, momentum=0.9), "shards"),
     ]
     for k, (opt, words) in enumerate(cases):
         with pytest.raises(RecorderError) as err:
@@ -428,3 +429,65 @@ def test_sigkill_leaves_the_optimizer_rows_readable_up_to_the_last_flush(tmp_pat
         assert traj.closed_cleanly and len(traj) == n + 1
         assert torch.all(traj.optimizer_state(n)["momentum_buffer"] == 10.0 * n)
         assert torch.all(traj.optimizer_state(n - 1)["momentum_buffer"] == 10.0 * (n - 1))
+
+
+# ------------------------------------------------------------------------------------------ DDP
+def _ddp_worker(rank: int, out: str) -> None:
+    import datetime
+    import os
+    import pickle
+
+    import torch.distributed as dist
+
+    from conftest import make_mlp, toy_data
+    from trajectory.integrations import DistributedRecorder
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out, 'store')}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        x, y = toy_data(n=64)
+        ddp = torch.nn.parallel.DistributedDataParallel(make_mlp(seed=0))
+        model = ddp.module
+        opt = torch.optim.Adam(ddp.parameters(), lr=0.01)
+        captured = []
+        with DistributedRecorder(os.path.join(out, "ddp.h5"), ddp, optimizer=opt, optimizer_state=True) as rec:
+            for s in range(5):
+                idx = torch.arange(rank * 32 + s * 4, rank * 32 + s * 4 + 4)
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(ddp(x[idx]), y[idx]).backward()
+                opt.step()
+                rec.record(batch_indices=idx)
+                captured.append({k: _flat_state(opt, model, k) for k in ("exp_avg", "exp_avg_sq")})
+        errors = []
+        try:
+            DistributedRecorder(os.path.join(out, "no.h5"), ddp, optimizer=torch.optim.SGD(ddp.parameters(), lr=0.1),
+                                optimizer_state=True)
+        except RecorderError as err:
+            errors.append(str(err))
+        with open(os.path.join(out, f"rank{rank}.pkl"), "wb") as fh:
+            pickle.dump({"captured": captured, "errors": errors}, fh)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_rank0_records_the_optimizer_state_every_rank_holds(tmp_path):
+    import multiprocessing
+    import os
+    import pickle
+
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path)
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["torch", "h5py", "trajectory"])
+    mp.start_processes(_ddp_worker, args=(out,), nprocs=2, join=True, start_method="forkserver")
+    ranks = [pickle.load(open(os.path.join(out, f"rank{r}.pkl"), "rb")) for r in range(2)]
+    with Trajectory(os.path.join(out, "ddp.h5")) as traj:
+        assert traj.optimizer_state_keys == ("exp_avg", "exp_avg_sq") and len(traj) == 6
+        for s in range(1, 6):
+            st = traj.optimizer_state(s)
+            assert float(st["step"]) == s
+            for k in ("exp_avg", "exp_avg_sq"):
+                assert torch.equal(st[k], ranks[0]["captured"][s - 1][k]) and torch.equal(st[k], ranks[1]["captured"][s - 1][k])
+    assert ranks[0]["errors"] == ranks[1]["errors"] and "SGD without momentum" in ranks[0]["errors"][0]
+    assert not os.path.exists(os.path.join(out, "no.h5"))

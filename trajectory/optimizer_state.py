@@ -36,6 +36,11 @@ def recorded_state_keys(optimizer: torch.optim.Optimizer) -> tuple[tuple[str, ..
     SGD with momentum > 0, Adam and AdamW (their subclasses too).
     """
     cls = type(optimizer).__name__
+    if cls == "ZeroRedundancyOptimizer":
+        raise RecorderError(
+            "ZeroRedundancyOptimizer shards the optimizer state across ranks; sgdwalk records the full state of "
+            "one optimizer: drop optimizer_state=True or use a plain optimizer"
+        )
     present = _present_keys(optimizer)
     if present:
         keys = tuple(k for k in fmt.OPTIMIZER_KEYS if k in present)

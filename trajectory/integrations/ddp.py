@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import RecorderError
+from ..optimizer_state import recorded_state_keys
 from ..recorder import Recorder
 from ..schedules import Every, Schedule, parse_schedule
 
@@ -97,6 +98,11 @@ class DistributedRecorder:
         Group to gather over (default: the default process group); its rank 0 writes.
     device : torch.device, optional
         Device for the gather/reduce tensors (default: CPU for gloo, the current CUDA device for NCCL).
+    optimizer_state : bool
+        Also record the optimizer state (as :class:`~trajectory.Recorder`). Under DDP every rank's optimizer
+        holds the same state (gradients are all-reduced), so rank 0 records its own without communication;
+        every rank checks the optimizer first, so a refusal is the same one line everywhere. Sharded
+        optimizers (``ZeroRedundancyOptimizer``) are refused.
     **kwargs
         Any other :class:`~trajectory.Recorder` argument (``codec``, ``mode``, ``model_spec``,
         ``metadata``, ...), used by rank 0.
@@ -120,8 +126,16 @@ class DistributedRecorder:
         process_group: Any = None,
         device: torch.device | str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        optimizer_state: bool = False,
         **kwargs: Any,
     ):
+        if optimizer_state:  # on every rank, before rank 0 creates anything: the same error everywhere
+            if optimizer is None:
+                raise RecorderError(
+                    "optimizer_state=True needs the optimizer whose state to record: "
+                    "DistributedRecorder(..., optimizer=opt, optimizer_state=True)"
+                )
+            recorded_state_keys(optimizer)
         if scalars not in _SCALAR_MODES:
             raise ValueError(f"scalars must be one of {_SCALAR_MODES}, not {scalars!r}")
         if "start_step" in kwargs and kwargs["start_step"] is None:
@@ -161,7 +175,7 @@ class DistributedRecorder:
             try:
                 self.recorder = Recorder(
                     path, self.model, optimizer=optimizer, schedule=self.schedule, indices=None,
-                    all_indices=all_indices, metadata=meta, **kwargs,
+                    all_indices=all_indices, metadata=meta, optimizer_state=optimizer_state, **kwargs,
                 )
             except BaseException as err:  # tell the other ranks before raising, so they do not hang
                 error = err

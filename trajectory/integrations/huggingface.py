@@ -69,7 +69,8 @@ class SgdwalkTrainerCallback(TrainerCallback):
         are the same everywhere).
     **recorder_kwargs
         Any other :class:`~trajectory.Recorder` argument: ``codec``, ``mode``, ``model_spec``,
-        ``data_spec``, ``seed``, ``metadata``, ``record_buffers``, ``all_indices``, ...
+        ``data_spec``, ``seed``, ``metadata``, ``record_buffers``, ``all_indices``,
+        ``optimizer_state`` (record the Trainer's optimizer state: Adam(W) moments, SGD momentum), ...
 
     Resuming (``train(resume_from_checkpoint=...)``): recording continues at the checkpoint's
     ``global_step`` (pass ``mode="a"`` to append to the earlier archive, or a new path); the

@@ -80,7 +80,8 @@ class SgdwalkCallback(pl.Callback):
         Under DDP, store rank 0's loss or the mean over ranks.
     **recorder_kwargs
         Any other :class:`~trajectory.Recorder` argument: ``codec``, ``mode``, ``model_spec``,
-        ``data_spec``, ``seed``, ``metadata``, ``record_buffers``, ``all_indices``, ...
+        ``data_spec``, ``seed``, ``metadata``, ``record_buffers``, ``all_indices``,
+        ``optimizer_state`` (record the first optimizer's momentum buffer / Adam moments), ...
 
     Scalars stored with each update: ``loss`` (the sum of the micro-batch losses Lightning
     backpropagated, i.e. the window's mean loss under accumulation; only when ``training_step``
