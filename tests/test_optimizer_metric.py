@@ -302,3 +302,16 @@ def test_report_draws_the_optimizer_figure(tmp_path):
     assert "optimizer" in res.figures and "optimizer" not in res.omitted
     html = (tmp_path / "rep" / "report.html").read_text()
     assert "Optimizer-aware analysis" in html
+
+
+def test_rows_round_trip_through_to_pandas(tmp_path):
+    import trajectory
+
+    pytest.importorskip("pandas")
+    arch, _ = _train(tmp_path / "run.h5", lambda ps: torch.optim.SGD(ps, lr=0.3, momentum=0.9), steps=2)
+    got = _analyze(arch, tmp_path / "r.h5")
+    df = trajectory.Results(tmp_path / "r.h5").to_pandas("optimizer")
+    assert df["pair"].tolist() == [0, 1]
+    for col, want in got.items():
+        if col in df.columns:
+            np.testing.assert_array_equal(df[col].to_numpy(dtype=np.float64), np.asarray(want, dtype=np.float64), err_msg=col)
