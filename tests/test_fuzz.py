@@ -55,6 +55,8 @@ def _call_params(path: str) -> int:
             h = hashlib.sha256()
             for i in range(len(traj)):
                 h.update(traj.params(i).numpy().tobytes())
+                if traj.optimizer_state_keys:  # the base archive records SGD's momentum buffer: read it too
+                    h.update(b"".join(v.numpy().tobytes() for v in traj.optimizer_state(i).values()))
             print(json.dumps({"records": len(traj), "sha256": h.hexdigest()}))
     except SgdwalkError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -214,6 +216,17 @@ def _h5_mutations() -> dict[str, Callable[[h5py.File, Path], None]]:
     muts["layout-shape"] = lambda f, w: _replace(f, "layout", _layout_with(f, "shape", b"x,y"))
     muts["scalars-dtype"] = lambda f, w: _replace(f, "scalars", np.zeros(3))
     muts["nan:record_time"] = lambda f, w: f["record_time"].__setitem__(slice(None), np.nan)
+    # optimizer state (issue 14 item 5): missing, reshaped, retyped or oversized datasets and a damaged attribute
+    for name in ("optimizer/momentum_buffer", "optimizer/state_step"):
+        muts[f"del-dataset:{name}"] = lambda f, w, n=name: f.__delitem__(n)
+    mb = "optimizer/momentum_buffer"
+    muts["optimizer-width"] = lambda f, w: _replace(f, mb, f[mb][:, :-1], maxshape=(None, f[mb].shape[1] - 1), chunks=(8, f[mb].shape[1] - 1))
+    muts["optimizer-dtype"] = lambda f, w: _replace(f, mb, f[mb][()].view(np.float32), maxshape=(None, f[mb].shape[1]), chunks=(8, f[mb].shape[1]))
+    muts["optimizer-short"] = lambda f, w: f[mb].resize(5, axis=0)
+    muts["huge:optimizer-rows"] = lambda f, w: f[mb].resize(1 << 32, axis=0)
+    muts["state_step-dtype"] = lambda f, w: _replace(f, "optimizer/state_step", np.zeros(21, np.int64))
+    for value in ('["momentum_buffer", "exp_avg"]', '{"x": 1}', "[1]", "not json"):
+        muts[f"optimizer_state={value}"] = lambda f, w, v=value: f.attrs.__setitem__("optimizer_state", v)
 
     def external_link(f: h5py.File, w: Path) -> None:
         other = w / "other.h5"
@@ -277,7 +290,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("fuzz-base")
     path = work / "base.h5"
     train("mlp", "mnist1d", model_kwargs={"hidden": [8]}, data_kwargs={"num_samples": 300}, steps=20,
-          batch_size=10, out=path, progress=False, device="cpu")
+          batch_size=10, out=path, progress=False, device="cpu", momentum=0.9, record_optimizer_state=True)
     return path
 
 
