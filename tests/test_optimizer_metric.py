@@ -275,6 +275,15 @@ def test_unsupported_optimizer_and_bad_options_are_one_error():
         parse_optimizer({"class": "torch.optim.rmsprop.RMSprop", "param_groups": [{"lr": 0.1}]})
     with pytest.raises(AnalysisError, match="records no optimizer"):
         parse_optimizer("")
+    two = lambda **b: {"class": "torch.optim.adamw.AdamW", "param_groups": [  # noqa: E731
+        {"lr": 0.1, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}, {"lr": 0.1, "betas": [0.9, 0.999], "eps": 1e-8, **b}]}
+    assert parse_optimizer(two(weight_decay=0.0)).weight_decay == 0.01  # AdamW's no-decay group: allowed
+    with pytest.raises(AnalysisError, match="different betas"):
+        parse_optimizer(two(weight_decay=0.0, betas=[0.8, 0.999]))
+    sgd2 = {"class": "torch.optim.sgd.SGD", "param_groups": [{"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0},
+                                                            {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.01}]}
+    with pytest.raises(AnalysisError, match="different weight_decay"):
+        parse_optimizer(sgd2)
     with pytest.raises(AnalysisError, match="at must be 'record'"):
         OptimizerMetric(at="floor")
     with pytest.raises(AnalysisError, match="noise"):

@@ -93,6 +93,7 @@ def parse_optimizer(info: Mapping[str, Any] | str | None) -> OptimizerHyper:
         v = g0.get(key, defaults.get(key, default))
         return default if v is None else v
 
+    _check_groups(cls, groups)
     try:
         if cls == "SGD":
             return OptimizerHyper(SGD, momentum=float(pick("momentum", 0.0)), dampening=float(pick("dampening", 0.0)),
@@ -107,6 +108,31 @@ def parse_optimizer(info: Mapping[str, Any] | str | None) -> OptimizerHyper:
     except (TypeError, ValueError, IndexError):
         raise AnalysisError(f"cannot read the hyperparameters of the recorded optimizer {cls}") from None
     raise AnalysisError(f"metric optimizer supports torch.optim.SGD, Adam and AdamW; the archive records {cls or 'an unnamed optimizer'}")
+
+
+#: hyperparameters that must agree across parameter groups (the archive does not say which parameter is in which group)
+_SAME = ("lr", "momentum", "dampening", "nesterov", "betas", "eps", "amsgrad", "maximize", "weight_decay")
+
+
+def _check_groups(cls: str, groups: list) -> None:
+    """AnalysisError (one line) when parameter groups differ in a hyperparameter the analysis uses: the archive does
+    not record which parameter belongs to which group, so one set must apply to all. AdamW may differ in
+    weight_decay (the usual no-decay group for biases and norms): its decoupled decay changes neither the recovered
+    gradient nor P, only ``update_residual`` of the parameters outside group 0."""
+    gs = [g for g in groups if isinstance(g, Mapping)]
+    for key in _SAME:
+        if key == "weight_decay" and cls == "AdamW":
+            continue
+        vals = [_hashable(g.get(key)) for g in gs]
+        if len(set(vals)) > 1:
+            shown = ", ".join(str(g.get(key)) for g in gs[:4])
+            raise AnalysisError(f"the recorded {cls} has parameter groups with different {key} ({shown}); metric "
+                                "optimizer needs one set of hyperparameters (the archive does not say which parameter is in which group)")
+
+
+def _hashable(v: Any) -> Any:
+    """A hashable form of a recorded hyperparameter (lists, e.g. betas, become tuples)."""
+    return tuple(v) if isinstance(v, list) else v
 
 
 def sgd_split(hp: OptimizerHyper, theta: torch.Tensor, m_prev: torch.Tensor, m_next: torch.Tensor,
