@@ -299,6 +299,33 @@ def test_pairs_spanning_several_steps_get_nan_rows_with_a_reason(tmp_path):
     assert np.isnan(got["precond_lambda_max"]).all() and np.isnan(got["gopt_norm"]).all()
 
 
+def test_adam_step_count_that_does_not_advance_is_a_nan_row_with_a_reason(tmp_path, monkeypatch):
+    """A skipped optimizer step (e.g. AMP's GradScaler) leaves Adam's step count unchanged across a pair: status 3."""
+    arch, _ = _train(tmp_path / "run.h5", lambda ps: torch.optim.Adam(ps, lr=0.05), steps=3)
+    real = Trajectory.optimizer_state
+
+    def stalled(self, i):
+        out = real(self, i)
+        if i == 2:
+            out["step"] = torch.tensor(1.0, dtype=torch.float64)  # as at record 1
+        return out
+
+    monkeypatch.setattr(Trajectory, "optimizer_state", stalled)
+    got = _analyze(arch, tmp_path / "r.h5")
+    assert got["status"].tolist() == [0, 3, 3]  # 1 -> 1 and 1 -> 3 across pairs 1 and 2
+    assert np.isnan(got["precond_lambda_max"][1:]).all() and np.isfinite(got["precond_lambda_max"][0])
+
+
+def test_summary_shows_the_recorded_optimizers_columns(tmp_path):
+    from trajectory.analysis.metrics.optimizer import OptimizerMetric
+
+    arch, _ = _train(tmp_path / "run.h5", lambda ps: torch.optim.Adam(ps, lr=0.05), steps=2)
+    got = _analyze(arch, tmp_path / "r.h5")
+    s = OptimizerMetric().summarize(got)
+    assert s["pairs"] == s["computed"] == 2 and "median_share_mom" not in s
+    assert s["median_precond_lambda_max"] == pytest.approx(float(np.median(got["precond_lambda_max"])))
+
+
 # ------------------------------------------------------------------------------------------ report
 def test_report_draws_the_optimizer_figure(tmp_path):
     from trajectory.report import build_report

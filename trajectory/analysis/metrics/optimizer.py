@@ -261,6 +261,9 @@ class OptimizerMetric(_Curvature):
         st = np.asarray(rows.get("status", []))
         if len(st) == 0:
             return {}
-        return {"pairs": int(len(st)), "computed": int((st == 0).sum()), "median_eos_ratio": _med(rows["eos_ratio"]),
-                "median_cos_gopt_gb": _med(rows["cos_gopt_gb"]), "median_share_mom": _med(rows["share_mom"]),
-                "median_precond_lambda_max": _med(rows["precond_lambda_max"])}
+        out: dict[str, Any] = {"pairs": int(len(st)), "computed": int((st == 0).sum())}
+        for col in ("eos_ratio", "cos_gopt_gb", "share_mom", "lambda_max", "precond_lambda_max"):
+            v = _med(rows[col])
+            if np.isfinite(v):  # the other optimizer's columns are all NaN: not shown
+                out[f"median_{col}"] = v
+        return out
