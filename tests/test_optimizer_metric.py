@@ -235,6 +235,18 @@ def test_adam_preconditioned_sharpness_matches_eigh_of_the_dense_hessian(case, t
             assert np.isnan(got["lambda_max"][r]) and np.isnan(got["share_mom"][r])
 
 
+def test_sgd_lambda_max_is_hessian_tops_through_the_shared_lanczos(tmp_path):
+    """With hessian_top in the same run (same options, same seeded start vector) SGD's λ_max is the same number."""
+    arch, _ = _train(tmp_path / "run.h5", lambda ps: torch.optim.SGD(ps, lr=0.3, momentum=0.9), steps=2)
+    x, y, xt, yt = _data()
+    rep = analyze(arch, tmp_path / "r.h5", metrics=["optimizer", "hessian_top"], model=_model(), eval="test",
+                  data={"train": TensorDataset(x, y), "test": TensorDataset(xt, yt)}, dtype="float64",
+                  options={"iters": 30, "tol": 1e-6, "at": "record"})
+    opt, top = rep.tables["optimizer"].arrays(), rep.tables["hessian_top"].arrays()
+    np.testing.assert_array_equal(opt["lambda_max"], top["lambda_max"])
+    np.testing.assert_array_equal(opt["eos_ratio"], top["eos_ratio"])
+
+
 def test_recovered_gradients_from_the_state_alone_match_the_loop(tmp_path):
     """The split functions on the recorded rows (no model, no data) give the loop's minibatch gradients."""
     from trajectory.analysis.curvature.preconditioned import adam_split, parse_optimizer, sgd_split
