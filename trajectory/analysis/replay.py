@@ -205,6 +205,25 @@ class ReplayContext:
         """Recorded learning rate (scalar 'lr') of the update leaving record i; NaN if none."""
         return self._run.lr_at(i)
 
+    @property
+    def archive(self) -> Any:
+        """The archive being replayed (:class:`~trajectory.archive.reader.Trajectory`, read-only): for metrics that
+        read what the recorder stored beside the states (batch indices, scalars, optimizer state). Read from it
+        only; the replay owns it and closes it."""
+        return self._run.traj
+
+    @property
+    def optimizer(self) -> Any:
+        """The archive's ``optimizer`` attribute (class and hyperparameters as recorded by
+        :func:`trajectory.recorder.optimizer_info`), or ``""`` when the run recorded none."""
+        return self._run.traj.attrs.get("optimizer", "")
+
+    def minibatch(self, pair: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The recorded minibatch (inputs, labels, on the device) of the single update leaving record ``pair``:
+        the pair's own data under ``--eval minibatch``, else drawn from the training split by the recorded
+        indices (loaded once, lazily). None when the pair spans several updates or no indices were recorded."""
+        return self._run.minibatch(pair)
+
     # evaluation --------------------------------------------------------------------------------------
     def evaluate(self, states: torch.Tensor, pairs: int | Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Mean loss and accuracy (NaN for regression losses) at each state, as float64 arrays.
@@ -365,6 +384,42 @@ class Replay:
                 if len(self._mb_cache) > 4 * self.block_pairs + 64:
                     self._mb_cache.pop(next(iter(self._mb_cache)))
         return self._mb_cache[pair]
+
+    def train_split(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The training split on the device in the run's dtype: the replay's own (``--eval minibatch``), else
+        loaded once from the run's data source (None without one)."""
+        if getattr(self, "train_x", None) is not None:
+            return self.train_x, self.train_y
+        cached = getattr(self, "_train_loaded", None)
+        if cached is not None:
+            return cached
+        source = getattr(self, "source", None)
+        if source is None:
+            return None
+        x, y = source.tensors("train")
+        dev, dt = self.evaluator.device, self.evaluator.dtype
+        to = lambda t: t.to(dev, dt) if t.is_floating_point() else t.to(dev)  # noqa: E731
+        self._train_loaded = (to(x), to(y))
+        return self._train_loaded
+
+    def minibatch(self, pair: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The recorded minibatch of the single update leaving record ``pair`` (see :meth:`ReplayContext.minibatch`)."""
+        if self.eval_spec.kind == "minibatch":
+            return self.data_for(pair)
+        steps = self.steps
+        if pair + 1 >= len(steps) or steps[pair + 1] - steps[pair] != 1:
+            return None
+        train = self.train_split()
+        if train is None:
+            return None
+        idx = self.traj.batch_indices(int(pair))
+        if idx is None or len(idx) == 0:
+            return None
+        if int(np.max(idx)) >= len(train[0]):
+            raise AnalysisError(f"recorded batch index {int(np.max(idx))} exceeds the training split ({len(train[0])} "
+                                "samples); is this the data the run was trained on?")
+        t = torch.as_tensor(np.asarray(idx), device=train[0].device)
+        return train[0][t], train[1][t]
 
     def data_for(self, pair: int):
         if self.eval_spec.kind == "minibatch":

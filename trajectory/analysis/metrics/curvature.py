@@ -235,11 +235,9 @@ def _samples(ctx: Any, pair: int) -> int:
 
 def recorded_optimizer(ctx: Any) -> Any:
     """The archive's ``optimizer`` attribute (class and hyperparameters, :func:`trajectory.recorder.optimizer_info`);
-    "" when none was recorded. ``ctx.optimizer`` if the context offers it, else the replay's archive."""
-    opt = getattr(ctx, "optimizer", None)
-    if opt is None:
-        traj = getattr(getattr(ctx, "_run", None), "traj", None)
-        opt = traj.attrs.get("optimizer", "") if traj is not None else ""
+    "" when none was recorded (:attr:`ReplayContext.optimizer <trajectory.analysis.replay.ReplayContext.optimizer>`;
+    a context without it counts as none)."""
+    opt = getattr(ctx, "optimizer", "")
     return opt() if callable(opt) else opt
 
 

@@ -49,47 +49,11 @@ _COLUMNS = ("loss", "grad_norm", "grad_b_norm", "cos_update", "cos_gb_g", "trace
 
 
 def minibatch(ctx: Any, pair: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The recorded minibatch (inputs, labels, on the device) of the single update leaving record ``pair``.
-
-    None when the pair spans several updates, no indices are recorded, or the training split is not loaded.
-    Reads the replay behind the context (archive and training split); the lead may promote this to
-    ``ReplayContext.minibatch``."""
-    run = getattr(ctx, "_run", None)
-    if run is None:
-        return None
-    if getattr(ctx, "eval", None) is not None and ctx.eval.kind == "minibatch":
-        return ctx.data(pair)
-    steps = ctx.steps
-    if pair + 1 >= len(steps) or steps[pair + 1] - steps[pair] != 1:
-        return None
-    train = _train_split(ctx, run)
-    if train is None:
-        return None
-    idx = run.traj.batch_indices(int(pair))
-    if idx is None or len(idx) == 0:
-        return None
-    if int(np.max(idx)) >= len(train[0]):
-        raise AnalysisError(f"recorded batch index {int(np.max(idx))} exceeds the training split ({len(train[0])} samples); "
-                            "is this the data the run was trained on?")
-    t = torch.as_tensor(np.asarray(idx), device=train[0].device)
-    return train[0][t], train[1][t]
-
-
-def _train_split(ctx: Any, run: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The training split on the device (the replay's, or loaded once from the run's data source and kept)."""
-    if getattr(run, "train_x", None) is not None:
-        return run.train_x, run.train_y
-    cached = getattr(run, "_gradients_train", None)
-    if cached is not None:
-        return cached
-    source = getattr(run, "source", None)
-    if source is None:
-        return None
-    x, y = source.tensors("train")
-    dev, dt = ctx.device, ctx.dtype
-    to = lambda t: t.to(dev, dt) if t.is_floating_point() else t.to(dev)  # noqa: E731
-    run._gradients_train = (to(x), to(y))
-    return run._gradients_train
+    """The recorded minibatch (inputs, labels, on the device) of the single update leaving record ``pair``
+    (:meth:`ReplayContext.minibatch <trajectory.analysis.replay.ReplayContext.minibatch>`); None for a context
+    without one (a plug-in's own context), when the pair spans several updates, or no indices are recorded."""
+    fn = getattr(ctx, "minibatch", None)
+    return fn(pair) if callable(fn) else None
 
 
 class _DataView:
