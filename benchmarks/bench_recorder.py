@@ -17,10 +17,18 @@ Recorder construction (file creation, the step-0 record) is a one-off and is rep
     python benchmarks/bench_recorder.py            # full run, ~3 minutes on 2 cores
     python benchmarks/bench_recorder.py --quick    # smoke run, < 30 s
     python benchmarks/bench_recorder.py --codec xor-blosc-lz4-bit --models mlp --threads 1
+    python benchmarks/bench_recorder.py --optimizer-state   # params alone vs params + optimizer state
+
+``--optimizer-state`` (issue 14 item 5) trains with SGD(momentum=0.9) and with Adam instead of plain SGD and
+times three variants in the same ABBA rounds: no recording, ``Recorder`` (params), and
+``Recorder(optimizer_state=True)`` (params + the momentum buffer: 1 extra params-sized row per record; Adam's
+``exp_avg`` and ``exp_avg_sq``: 2 extra rows). The table gives each variant's step time relative to training
+without recording and the extra milliseconds per step the optimizer state costs.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import statistics
@@ -59,8 +67,9 @@ def foreign_cpu_s() -> float | None:
 
 # ---------------------------------------------------------------------------------- one trial
 class Setup:
-    def __init__(self, name: str, model: torch.nn.Module, x, y, *, lr: float, batch: int, steps: int):
+    def __init__(self, name: str, model: torch.nn.Module, x, y, *, lr: float, batch: int, steps: int, optimizer: str = "sgd"):
         self.name, self.model, self.x, self.y, self.lr = name, model, x, y, lr
+        self.optimizer = optimizer
         self.init = {k: v.clone() for k, v in model.state_dict().items()}
         self.n_params = sum(p.numel() for p in model.parameters())
         g = torch.Generator().manual_seed(1)
@@ -83,13 +92,25 @@ def load_recorder_class(path: str):
     return module.Recorder
 
 
+OPTIMIZERS = {
+    "sgd": lambda ps, lr: torch.optim.SGD(ps, lr=lr),
+    "sgd-momentum": lambda ps, lr: torch.optim.SGD(ps, lr=lr, momentum=0.9),
+    "adam": lambda ps, lr: torch.optim.Adam(ps, lr=lr * 0.01),
+}
+
+
+def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    """A fresh optimizer per trial, so every trial starts from the same (empty) state."""
+    return OPTIMIZERS[name](params, lr)
+
+
 def trial(s: Setup, recorder, path: str, opts: dict, steps: int | None = None) -> tuple[float, float, float]:
     """Seconds per step (loop only, loop + close) and the recorder's construction seconds.
 
     ``recorder`` is a Recorder class, or None for the baseline (no recording).
     """
     s.model.load_state_dict(s.init)
-    opt = torch.optim.SGD(s.model.parameters(), lr=s.lr)
+    opt = make_optimizer(s.optimizer, s.model.parameters(), s.lr)
     batches = s.batches if steps is None else s.batches[:steps]
     model, x, y = s.model, s.x, s.y
     gc.collect()
@@ -176,11 +197,16 @@ def main(argv=None) -> int:
     ap.add_argument("--cnn-steps", type=int, default=None, help="steps per CNN trial (default 24 = 3 chunks, quick 3)")
     ap.add_argument("--old-recorder", default=None, metavar="PATH",
                     help="also time the Recorder of another recorder.py (e.g. from `git show HEAD:trajectory/recorder.py`)")
+    ap.add_argument("--optimizer-state", action="store_true",
+                    help="compare params alone with params + optimizer state (SGD momentum 0.9 and Adam)")
+    ap.add_argument("--optimizers", default="sgd-momentum,adam", help="with --optimizer-state: sgd-momentum, adam or both")
     ap.add_argument("--tmp", default=None, help="directory for the archives (default: a temp dir)")
     ap.add_argument("--max-foreign", type=float, default=0.05,
                     help="repeat a trial while other processes used more than this share of one core (default 0.05)")
     ap.add_argument("--retries", type=int, default=None, help="repeats per trial on a busy machine (default 4, quick 1)")
     args = ap.parse_args(argv)
+    if args.optimizer_state:
+        return main_optimizer_state(args)
     trials = args.trials or (2 if args.quick else 5)
     retries = args.retries if args.retries is not None else (1 if args.quick else 4)
     codec = args.codec or codecs_mod.DEFAULT_CODEC
@@ -237,6 +263,57 @@ def main(argv=None) -> int:
     print("\nratio = recorder / baseline mean step time (training loop); ratio+close also counts rec.close(). "
           f"clean = trials per variant during which other processes used <= {100 * args.max_foreign:.0f}% of a core "
           "(medians use only those when at least 2 are clean); redone = trials repeated because they were not clean.")
+    print(f"total {time.perf_counter() - t_start:.0f} s; load average at end: %.2f %.2f %.2f" % os.getloadavg())
+    return 0
+
+
+def main_optimizer_state(args) -> int:
+    """Params alone vs params + optimizer state, both against training without recording (issue 14 item 5)."""
+    trials = args.trials or (2 if args.quick else 5)
+    retries = args.retries if args.retries is not None else (1 if args.quick else 4)
+    codec = args.codec or codecs_mod.DEFAULT_CODEC
+    codecs_mod.get_codec(codec)
+    opts = {"codec": codec, "schedule": args.schedule}
+    threads = [int(t) for t in args.threads.split(",")]
+    models = args.models.split(",")
+    variants = {"base": None, "rec": Recorder, "state": functools.partial(Recorder, optimizer_state=True)}
+    t_start = time.perf_counter()
+    print(f"codec {codec}; schedule {args.schedule}; {trials} trials per variant, rotating order; cores: {os.cpu_count()}; "
+          "load average at start: %.2f %.2f %.2f" % os.getloadavg())
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        for model_name in models:
+            for opt_name in args.optimizers.split(","):
+                torch.manual_seed(0)
+                if model_name == "mlp":
+                    x, y = mnist1d_train()
+                    s = Setup("mlp", make_mlp(), x, y, lr=0.1, batch=64, steps=args.mlp_steps or (400 if args.quick else 3000),
+                              optimizer=opt_name)
+                else:
+                    x, y = cifar_shaped()
+                    s = Setup("cnn", make_cnn(), x, y, lr=0.05, batch=64, steps=args.cnn_steps or (3 if args.quick else 24),
+                              optimizer=opt_name)
+                extra_rows = 1 if opt_name.startswith("sgd") else 2
+                for nt in threads:
+                    r = compare(s, nt, trials, variants, opts, tmp, args.max_foreign, retries)
+                    rec, st = r["rec"], r["state"]
+                    rows.append([
+                        s.name, f"{s.n_params:,}", opt_name, extra_rows, nt, len(s.batches),
+                        f"{1e3 * r['base']:.3f}",
+                        f"{1e3 * rec['loop']:.3f} ({rec['loop'] / r['base']:.3f}x)",
+                        f"{1e3 * st['loop']:.3f} ({st['loop'] / r['base']:.3f}x)",
+                        f"{1e3 * (st['loop'] - rec['loop']):+.3f}",
+                        f"{rec['all'] / r['base']:.3f} / {st['all'] / r['base']:.3f}",
+                        f"{100 * r['spread']:.1f}%", f"{r['clean']}/{trials}, {r['retried']}",
+                    ])
+                    print(f"  {s.name} {opt_name} threads={nt}: base {1e3 * r['base']:.3f} ms/step, params "
+                          f"{rec['loop'] / r['base']:.3f}x, params+state {st['loop'] / r['base']:.3f}x", flush=True)
+    header = ["model", "params", "optimizer", "extra rows", "threads", "steps", "base ms/step", "params ms/step",
+              "params+state ms/step", "state ms/step", "+close ratios", "base spread", "clean, redone"]
+    print_table(f"Optimizer-state recording overhead, schedule {args.schedule}, codec {codec} (median of {trials} trials)",
+                header, rows)
+    print("\nratios are against the same training without recording (loop only); state ms/step = params+state - params; "
+          "+close ratios also count rec.close() (params / params+state).")
     print(f"total {time.perf_counter() - t_start:.0f} s; load average at end: %.2f %.2f %.2f" % os.getloadavg())
     return 0
 
