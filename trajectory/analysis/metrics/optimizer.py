@@ -114,7 +114,8 @@ def directional_moments(obj: Any, p: torch.Tensor, D: torch.Tensor, batch: int) 
 
 
 def _trajectory(ctx: Any) -> Any:
-    traj = getattr(getattr(ctx, "_run", None), "traj", None)
+    """The replayed archive (``ctx.archive``), whose optimizer-state rows this metric reads."""
+    traj = getattr(ctx, "archive", None)
     if traj is None:
         raise AnalysisError("metric optimizer needs the archive behind the replay (its optimizer state)")
     return traj
