@@ -192,6 +192,9 @@ def test_appending_refuses_a_different_optimizer_state(tmp_path):
         with pytest.raises(ArchiveFormatError) as err:
             Recorder(tmp_path / path, model, optimizer=opt, optimizer_state=flag, mode="a")
         assert words in str(err.value) and "\n" not in str(err.value), str(err.value)
+    for path in ("plain.h5", "sgd.h5"):  # a refused append leaves the archive as it was
+        with Trajectory(tmp_path / path) as traj:
+            assert traj.closed_cleanly and len(traj) == 1
     # the same state appends, continuing the rows
     x, y = _data()
     with Recorder(tmp_path / "sgd.h5", model, optimizer=sgd, optimizer_state=True, mode="a") as rec:

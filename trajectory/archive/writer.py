@@ -152,7 +152,11 @@ class ArchiveWriter:
         self._appending = mode == "a"
         if self._appending:
             self.file = self._open_for_append(kw)
-            self._check_appendable(layout)
+            try:
+                self._check_appendable(layout)
+            except BaseException:
+                self.file.close()  # a refused append leaves the archive closed and untouched
+                raise
             self.codec = get_codec(self.file.attrs["codec"])
         else:
             from .codecs import DEFAULT_CODEC
