@@ -494,3 +494,22 @@ def test_ddp_rank0_records_the_optimizer_state_every_rank_holds(tmp_path):
                 assert torch.equal(st[k], ranks[0]["captured"][s - 1][k]) and torch.equal(st[k], ranks[1]["captured"][s - 1][k])
     assert ranks[0]["errors"] == ranks[1]["errors"] and "SGD without momentum" in ranks[0]["errors"][0]
     assert not os.path.exists(os.path.join(out, "no.h5"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_state_of_other_dtypes_is_stored_in_the_params_row_dtype(tmp_path, dtype):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).to(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x, y = (t.to(dtype) for t in _data())
+    with Recorder(tmp_path / "run.h5", model, optimizer=opt, optimizer_state=True) as rec:
+        for _ in range(3):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y[:, :2]).backward()
+            opt.step()
+            rec.record()
+    want = torch.cat([opt.state[p]["momentum_buffer"].reshape(-1) for p in model.parameters()])
+    with Trajectory(tmp_path / "run.h5") as traj:
+        got = traj.optimizer_state(3)["momentum_buffer"]
+        assert got.dtype == traj.params(3).dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert torch.equal(got, want.to(got.dtype))  # bfloat16 -> float32 is exact
