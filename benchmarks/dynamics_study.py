@@ -45,13 +45,14 @@ N_TRAIN = 4000          # MNIST-1D training split at the zoo defaults (5000 samp
 FULL = dict(
     epochs=100, window=50, window_epochs=(1, 10, 25), seeds=(0, 1),
     lrs=(0.05, 0.1, 0.2, 0.5, 1.0), base_lr=0.1, base_batch=64, batches=(16, 64, 256),
-    split_pairs=10,          # eigen_split: the first N pairs of each window, one Lanczos each
-    grad_every=10,           # gradients: every K-th record of each window (5 of the 50)
+    split_pairs=5,           # eigen_split: the first N pairs of each window, one Lanczos each
+    grad_every=25,           # gradients: every K-th record of each window (2 of the 50)
     line_points=21,
     targets=(1.0, 0.8, 0.6, 0.4),   # training losses (subset:2000) for steps-to-target S(B)
+    eval="subset:2000",      # training-loss evaluation data of every analysis and line
 )
 QUICK = dict(FULL, epochs=3, window=10, window_epochs=(1, 2), lrs=(0.1,), batches=(64,), split_pairs=2,
-             line_points=5, targets=(2.0, 1.5))
+             line_points=5, targets=(2.0, 1.5), eval="subset:256")
 
 
 @dataclass
@@ -127,7 +128,9 @@ def line_name(kind: str, config: str, seed: int | None, ev: str) -> str:
     return f"lines/{config}{'' if seed is None else f'_s{seed}'}.{kind}.{tag}.json"
 
 
-LINE_EVALS = ("subset:2000", "test")
+def line_evals(cfg: dict) -> tuple[str, str]:
+    """The two evaluation sets of every line: the training subset and the test split."""
+    return (cfg["eval"], "test")
 
 
 def analyze_all(runs: list[Run], cfg: dict, R: Runner, device: str) -> None:
@@ -140,17 +143,18 @@ def analyze_all(runs: list[Run], cfg: dict, R: Runner, device: str) -> None:
         base = ["--device", device, "-q"]
         gsteps = ",".join(f"{a}:{b}:{K}" for a, b in run.windows.values())
         res = f"runs/{run.name}.gradients.results.h5"
-        R(["analyze", arch, "-m", "gradients", "--option", "noise=sample", "--eval", "subset:2000", "--dtype", "float64",
+        R(["analyze", arch, "-m", "gradients", "--option", "noise=sample", "--eval", cfg["eval"], "--dtype", "float64",
            "--steps", gsteps, *base, "-o", res], f"analyze gradients {run.name}", (res,))
         esteps = ",".join(f"{a}:{a + min(P, W)}" for a, _ in run.windows.values())
         res = f"runs/{run.name}.eigen.results.h5"
-        R(["analyze", arch, "-m", "eigen_split", "--k", "5", "--steps", esteps, *base, "-o", res],
+        ev_ = [] if cfg["eval"] == "subset:2000" else ["--eval", cfg["eval"]]    # subset:2000 is the default
+        R(["analyze", arch, "-m", "eigen_split", "--k", "5", "--steps", esteps, *ev_, *base, "-o", res],
           f"analyze eigen_split {run.name}", (res,))
         # the training loss at every record (one state per epoch + the windows): steps to a target loss
         res = f"runs/{run.name}.loss.results.h5"
-        R(["analyze", arch, "-m", "interpolation", "--alphas", "0,1", "--eval", "subset:2000", "--dtype", "float64",
+        R(["analyze", arch, "-m", "interpolation", "--alphas", "0,1", "--eval", cfg["eval"], "--dtype", "float64",
            *base, "-o", res], f"analyze loss {run.name}", (res,))
-        for ev in LINE_EVALS:
+        for ev in line_evals(cfg):
             out = line_name("first_last", run.config, run.seed, ev)
             R(["line", f"{arch}:first", f"{arch}:last", "--eval", ev, "--alphas", pts, "--device", device, "--out", out],
               f"line first_last {run.name}", (out,))
@@ -160,7 +164,7 @@ def analyze_all(runs: list[Run], cfg: dict, R: Runner, device: str) -> None:
     for c, rs in configs.items():
         rs = sorted(rs, key=lambda r: r.seed)
         for a, b in zip(rs, rs[1:]):
-            for ev in LINE_EVALS:
+            for ev in line_evals(cfg):
                 out = line_name(f"seeds{a.seed}{b.seed}", c, None, ev)
                 R(["line", f"runs/{a.name}.h5:last", f"runs/{b.name}.h5:last", "--eval", ev, "--alphas", pts,
                    "--device", device, "--out", out], f"line seeds {c}", (out,))
@@ -247,7 +251,7 @@ def run_stats(run: Run, out: Path, cfg: dict) -> dict:
     st["steps_to_target"] = {f"{t:g}": steps_to(steps, loss, t) for t in cfg["targets"]}
     st["loss_curve"] = [steps.tolist(), loss.tolist()]
     st["train_loss_final"] = float(loss[-1])
-    for ev in LINE_EVALS:
+    for ev in line_evals(cfg):
         j = json.loads((out / line_name("first_last", run.config, run.seed, ev)).read_text())
         L, S = np.asarray(j["loss"], dtype=float), np.asarray([np.nan if v is None else v for v in j["loss_se"]], dtype=float)
         rise, rise_se = max_rise(L, S)
@@ -260,13 +264,13 @@ def run_stats(run: Run, out: Path, cfg: dict) -> dict:
     return st
 
 
-def seed_lines(runs: list[Run], out: Path) -> dict:
+def seed_lines(runs: list[Run], out: Path, cfg: dict) -> dict:
     res: dict = {}
     configs = sorted({r.config for r in runs}, key=lambda c: [r for r in runs if r.config == c][0].lr * 1000 + [r for r in runs if r.config == c][0].batch)
     for c in configs:
         seeds = sorted(r.seed for r in runs if r.config == c)
         for a, b in zip(seeds, seeds[1:]):
-            for ev in LINE_EVALS:
+            for ev in line_evals(cfg):
                 j = json.loads((out / line_name(f"seeds{a}{b}", c, None, ev)).read_text())
                 bse = j["barrier_se"] if j["barrier_se"] is not None else float("nan")
                 key = "subset" if ev.startswith("subset") else ev
@@ -320,13 +324,11 @@ def critical_batch(agg_: dict, cfg: dict) -> dict:
     on 1/B, per target loss; McCandlish et al. 2018 predict B_crit ≈ B_simple (eq. 2.11 / 2.12)."""
     bs = sorted((c for c in agg_.values() if "batch" in c["groups"]), key=lambda c: c["batch"])
     out = {}
-    if len(bs) < 2:
-        return out
     for t in cfg["targets"]:
         key = f"{t:g}"
         B = np.array([c["batch"] for c in bs], dtype=float)
         S = np.array([c["steps_to_target"][key]["mean"] for c in bs])
-        if not np.all(np.isfinite(S)):
+        if len(bs) < 2 or not np.all(np.isfinite(S)):       # no fit: fewer than two batch sizes or a target not reached
             out[key] = {"batches": B.tolist(), "steps": S.tolist(), "s_min": float("nan"), "b_crit": float("nan"),
                         "epochs": (S * B / N_TRAIN).tolist()}
             continue
@@ -519,7 +521,7 @@ def main() -> None:
     t_commands = time.perf_counter() - t0
     stats = [run_stats(r, out, cfg) for r in runs]
     agg_ = aggregate(stats, cfg)
-    seeds = seed_lines(runs, out)
+    seeds = seed_lines(runs, out, cfg)
     crit = critical_batch(agg_, cfg)
     figs = figures(stats, agg_, seeds, cfg, out / "figures")
     if args.figures_dir:
@@ -531,7 +533,7 @@ def main() -> None:
     fresh = [t for t in R.timings if not t.get("skipped")]
     by_kind: dict[str, float] = {}
     for t in R.timings:
-        k = " ".join(t["label"].split()[:2])
+        k = t["label"].split()[0] if t["label"].startswith("train") else " ".join(t["label"].split()[:2])
         by_kind[k] = round(by_kind.get(k, 0.0) + t["seconds"], 1)
     summary = {
         "study": "quick" if args.quick else "full",
