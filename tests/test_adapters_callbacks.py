@@ -170,6 +170,42 @@ def test_lightning_adapter_uses_training_step_logits_and_keeps_names():
     assert torch.count_nonzero(out) == 0
 
 
+class AliasLoss(NoForward):
+    """The loss reached through an alias and a loss module: a patch of torch.nn.functional would miss both."""
+
+    def training_step(self, batch, batch_idx):
+        from torch.nn.functional import cross_entropy as ce
+
+        x, y = batch
+        return ce(self.net(x), y) + nn.CrossEntropyLoss()(self.net(x), y)
+
+
+def test_lightning_capture_is_thread_local_and_sees_aliased_losses():
+    import threading
+
+    torch.manual_seed(0)
+    m = AliasLoss()
+    wrapped = Lightning().wrap(m)
+    x = torch.randn(5, D)
+    torch.testing.assert_close(wrapped(x), m.net(x))
+    original = F.cross_entropy
+    seen = []
+
+    def other_thread():  # runs while the capture is active in the main thread: its losses must be real losses
+        seen.append(float(F.cross_entropy(torch.zeros(2, C), torch.zeros(2, dtype=torch.long))))
+
+    class Slow(AliasLoss):
+        def training_step(self, batch, batch_idx):
+            t = threading.Thread(target=other_thread)
+            t.start()
+            t.join()
+            return super().training_step(batch, batch_idx)
+
+    assert Lightning().wrap(Slow())(x).shape == (5, C)
+    assert F.cross_entropy is original
+    assert seen and abs(seen[0] - torch.log(torch.tensor(float(C)))) < 1e-6
+
+
 # ---------------------------------------------------------------------------------------------- Hugging Face
 @pytest.fixture(scope="module")
 def hf():

@@ -223,6 +223,27 @@ class _Captured(Exception):
         self.logits = logits
 
 
+def _LossCapture() -> Any:
+    """A torch function mode that stops ``training_step`` at its loss and hands back the loss's input (the logits).
+
+    Why a mode and not patching ``torch.nn.functional``: modes are thread-local (a global patch was visible to
+    every thread while active) and see the loss however the module reached it (``F.cross_entropy``, a
+    ``from torch.nn.functional import cross_entropy`` alias, ``nn.CrossEntropyLoss``)."""
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+
+    targets = {F.cross_entropy, F.nll_loss, F.mse_loss}
+
+    class Capture(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - torch's protocol
+            kwargs = kwargs or {}
+            if func in targets:
+                raise _Captured(args[0] if args else kwargs.get("input"))
+            return func(*args, **kwargs)
+
+    return Capture()
+
+
 class Lightning(Adapter):
     """PyTorch Lightning: ``forward`` when the module defines one, else the logits inside ``training_step``."""
 
@@ -231,28 +252,17 @@ class Lightning(Adapter):
     def call(self, model: "nn.Module", forward: Callable[..., Any], x: "torch.Tensor") -> Any:
         if _overrides_forward(model):
             return forward(x)
+        import warnings
+
         import torch
-        import torch.nn.functional as F
 
-        saved = {name: getattr(F, name) for name in ("cross_entropy", "nll_loss", "mse_loss")}
-
-        def capture(inp: Any, *args: Any, **kwargs: Any) -> Any:
-            raise _Captured(inp)
-
-        for name in saved:
-            setattr(F, name, capture)
         dummy = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         try:
-            import warnings
-
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _LossCapture():
                 warnings.simplefilter("ignore")  # self.log() outside a Trainer
                 model.training_step((x, dummy), 0)
         except _Captured as got:
             return got.logits
-        finally:
-            for name, fn in saved.items():
-                setattr(F, name, fn)
         raise SpecError(
             f"{type(model).__qualname__} has no forward() and its training_step computes no F.cross_entropy, "
             "F.nll_loss or F.mse_loss on its output; define forward(x) -> logits"
