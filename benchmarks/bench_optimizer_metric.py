@@ -15,31 +15,15 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 
 def record(path: str, make_opt, steps: int, seed: int = 0) -> str:
     """The test suite's zoo MLP (40-16-10, MNIST-1D) trained by ``make_opt``, optimizer state recorded."""
-    from test_analysis_support import data_spec, mlp_spec
-    from trajectory import Recorder
+    from test_analysis_support import record_mlp
 
-    torch.manual_seed(seed)
-    spec = mlp_spec()
-    model = spec.build()
-    x, y = data_spec().build(split="train").tensors
-    opt = make_opt(model.parameters())
-    g = torch.Generator().manual_seed(seed)
-    with Recorder(path, model, optimizer=opt, optimizer_state=True, model_spec=spec, data_spec=data_spec()) as rec:
-        for _ in range(steps):
-            idx = torch.randint(0, len(x), (32,), generator=g)
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            rec.record(batch_indices=idx, loss=loss.detach())
-    return path
+    return record_mlp(path, steps, seed=seed, make_opt=make_opt, optimizer_state=True)
 
 
 def main() -> None:

@@ -312,26 +312,9 @@ def test_an_error_on_one_rank_stops_every_rank_with_one_line(archive, tmp_path):
 
 def _record_with_optimizer_state(path, make_opt, steps: int = 5, seed: int = 2) -> str:
     """The zoo MLP trained by ``make_opt`` with its optimizer state recorded (metric ``optimizer``)."""
-    import torch.nn.functional as F
+    from test_analysis_support import record_mlp
 
-    from test_analysis_support import data_spec, mlp_spec
-    from trajectory import Recorder
-
-    torch.manual_seed(seed)
-    spec = mlp_spec()
-    model = spec.build()
-    x, y = data_spec().build(split="train").tensors
-    opt = make_opt(model.parameters())
-    g = torch.Generator().manual_seed(seed)
-    with Recorder(path, model, optimizer=opt, optimizer_state=True, model_spec=spec, data_spec=data_spec(), flush_interval=0.1) as rec:
-        for _ in range(steps):
-            idx = torch.randint(0, len(x), (32,), generator=g)
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            rec.record(batch_indices=idx, loss=loss.detach())
-    return str(path)
+    return record_mlp(path, steps, seed=seed, make_opt=make_opt, optimizer_state=True)
 
 
 @pytest.mark.slow

@@ -22,17 +22,20 @@ def data_spec() -> Spec:
 
 
 def record_mlp(path, steps: int = 12, *, lr: float = 0.2, batch: int = 32, seed: int = 0, batchnorm: bool = False,
-               model_spec=None, nan_at: int | None = None, every: int = 1) -> str:
-    """Train a small zoo MLP on MNIST-1D with plain SGD for ``steps`` updates, recording every step."""
+               model_spec=None, nan_at: int | None = None, every: int = 1, make_opt=None,
+               optimizer_state: bool = False) -> str:
+    """Train a small zoo MLP on MNIST-1D for ``steps`` updates, recording every step: plain SGD at ``lr``, or the
+    optimizer ``make_opt(parameters)`` builds (its state recorded too with ``optimizer_state``)."""
     torch.manual_seed(seed)
     spec = mlp_spec(batchnorm=batchnorm)
     model = spec.build()
     ds = data_spec().build(split="train")
     x, y = ds.tensors
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    opt = make_opt(model.parameters()) if make_opt is not None else torch.optim.SGD(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     with Recorder(path, model, optimizer=opt, model_spec=model_spec or spec, data_spec=data_spec(),
-                  schedule=f"every:{every}" if every > 1 else None, flush_interval=0.1) as rec:
+                  schedule=f"every:{every}" if every > 1 else None, flush_interval=0.1,
+                  optimizer_state=optimizer_state) as rec:
         for s in range(steps):
             idx = torch.randint(0, len(x), (batch,), generator=g)
             model.train()

@@ -3,14 +3,11 @@ analyzer's ``eos_ratio`` = λ_max·lr/(2 + 2β) on a run recorded with ``SGD(mom
 from __future__ import annotations
 
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from test_analysis_support import data_spec, mlp_spec
+from test_analysis_support import record_mlp
 from test_curvature_engine import N_EVAL, exact_hessian
-from trajectory import Recorder
 from trajectory.analysis import analyze
 from trajectory.analysis.curvature.sharpness import eos_critical_step, sgd_momentum
 
@@ -50,21 +47,7 @@ def test_closed_forms_and_recorded_optimizer_parsing():
 @pytest.fixture(scope="module")
 def momentum_archive(tmp_path_factory):
     path = tmp_path_factory.mktemp("eosm") / "run.h5"
-    torch.manual_seed(4)
-    spec = mlp_spec()
-    model = spec.build()
-    x, y = data_spec().build(split="train").tensors
-    opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
-    g = torch.Generator().manual_seed(4)
-    with Recorder(path, model, optimizer=opt, model_spec=spec, data_spec=data_spec(), flush_interval=0.1) as rec:
-        for _ in range(3):
-            idx = torch.randint(0, len(x), (32,), generator=g)
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            rec.record(batch_indices=idx, loss=loss.detach())
-    return str(path)
+    return record_mlp(path, 3, seed=4, make_opt=lambda ps: torch.optim.SGD(ps, lr=0.2, momentum=0.9))
 
 
 def test_momentum_run_eos_ratio_uses_two_plus_two_beta(momentum_archive, tmp_path):
