@@ -548,6 +548,9 @@ def main() -> None:
         "figures": [str(p) for p in figs],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_jsonable))
+    # this design's commands (run now or skipped as done); commands.sh also keeps those of interrupted designs
+    (out / "commands_used.sh").write_text("#!/bin/sh\n# the study's commands, in order, run in this folder\nset -e\n"
+                                          + "".join(t["command"] + "\n" for t in R.timings))
     md = markdown(agg_, seeds, crit, cfg)
     (out / "summary.md").write_text(md)
     print("\n" + md)

@@ -96,3 +96,4 @@ def test_quick_study_summary_has_every_field(tmp_path):
         assert r["windows"]["e1"]["grad_records"] == 1 and r["windows"]["e1"]["split_pairs"] == 2
     assert {Path(f).name for f in s["figures"]} == {"b_simple.png", "top5_share.png", "lines.png"}
     assert (out / "commands.sh").read_text().count("sgdwalk ") == 14
+    assert (out / "commands_used.sh").read_text().count("sgdwalk ") == 14
