@@ -413,6 +413,7 @@ def figures(stats: list[dict], agg_: dict, seeds: dict, cfg: dict, figdir: Path)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (NullFormatter below)
 
     figdir.mkdir(parents=True, exist_ok=True)
     plt.rcParams.update({"font.size": 8, "axes.titlesize": 9, "figure.dpi": 100, "lines.linewidth": 1.2})
@@ -445,6 +446,9 @@ def figures(stats: list[dict], agg_: dict, seeds: dict, cfg: dict, figdir: Path)
         a_.set_xlabel(x)
         a_.set_ylabel("median B_simple = tr(Σ)/‖g‖²")
         a_.legend(fontsize=7, title="window")
+    if bb:
+        ax[1].set_xticks(bb, [str(b) for b in bb])
+        ax[1].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     for s in sorted([s for s in stats if "batch" in s["groups"] and s["seed"] == cfg["seeds"][0]], key=lambda s: s["batch"]):
         st, lo = np.asarray(s["loss_curve"][0]), np.asarray(s["loss_curve"][1])
         ax[2].plot(np.maximum(st, 1), lo, lw=0.8, label=f"B = {s['batch']}")
@@ -464,7 +468,7 @@ def figures(stats: list[dict], agg_: dict, seeds: dict, cfg: dict, figdir: Path)
         for a_, key in ((ax[0], "floor_share_top"), (ax[1], "top_fraction")):
             a_.errorbar([c["lr"] for c in lr_c], [c["windows"][lab][key]["mean"] for c in lr_c],
                         yerr=[c["windows"][lab][key]["sd"] for c in lr_c], marker="o", ms=3, capsize=2, label=lab)
-    ax[0].set_ylabel("median share of the height in the top-5 directions")
+    ax[0].set_ylabel("median height share, top 5")
     ax[1].set_ylabel("median ‖d_top‖² / ‖d‖²")
     for a_ in ax:
         a_.set_xscale("log")
