@@ -42,14 +42,14 @@ from trajectory.archive.compact import storage_bytes  # noqa: E402
 from trajectory.zoo import resnet18  # noqa: E402
 
 
-def record(path: str, schedule: str, steps: int, seed: int = 0) -> dict:
+def record(path: str, schedule: str, steps: int, seed: int = 0, codec: str = DEFAULT_CODEC) -> dict:
     """Train resnet18 for ``steps`` SGD steps on random 3x32x32 batches of 4, recording under ``schedule``."""
     torch.manual_seed(seed)
     model = resnet18(num_classes=10)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
-    with Recorder(path, model, optimizer=opt, schedule=schedule) as rec:
+    with Recorder(path, model, optimizer=opt, schedule=schedule, codec=codec) as rec:
         for s in range(steps):
             x = torch.randn(4, 3, 32, 32, generator=g)
             y = torch.randint(0, 10, (4,), generator=g)
@@ -126,15 +126,17 @@ def main() -> None:
     ap.add_argument("--steps-every10", type=int, default=60, help="SGD steps of the 'every:10' run")
     ap.add_argument("--random", type=int, default=6, help="random params(i) calls per reader")
     ap.add_argument("--tmp", default=None, help="folder for the temporary archives (default: system temp)")
+    ap.add_argument("--codec", default=DEFAULT_CODEC, help="row codec of the recorded archives (default: the default codec)")
     args = ap.parse_args()
+    get_codec(args.codec)
     torch.set_num_threads(1)
     tmp = tempfile.mkdtemp(prefix="bench_io-", dir=args.tmp)
     try:
-        print(f"torch {torch.__version__}, h5py {h5py.version.version}, HDF5 {h5py.version.hdf5_version}, codec {DEFAULT_CODEC}, 1 thread; read figures in CPU time")
+        print(f"torch {torch.__version__}, h5py {h5py.version.version}, HDF5 {h5py.version.hdf5_version}, codec {args.codec}, 1 thread; read figures in CPU time")
         rows = []
         for schedule, steps in (("every", args.steps_every), ("every:10", args.steps_every10)):
             path = os.path.join(tmp, f"resnet18-{schedule.replace(':', '')}.h5")
-            rec = record(path, schedule, steps)
+            rec = record(path, schedule, steps, codec=args.codec)
             sz = sizes(path)
             old_seq = sequential(path, 0)
             new_seq = sequential(path, 512 << 20)

@@ -53,3 +53,6 @@ def line_command(a: str, b: str, alphas, eval_, bn, dtype, loss, device, se_chun
         click.echo(f"{t:8.4g} {_fmt(l):>12} {_fmt(s):>10} {_fmt(c):>8}")
     click.echo(f"floor at t = {_fmt(res.floor_t)} (loss {_fmt(res.floor_loss)}); barrier {_fmt(res.barrier)} ± "
                f"{_fmt(res.barrier_se)} at t = {_fmt(res.barrier_t)}; monotonic: {'yes' if res.monotonic else 'no'}")
+    if res.max_rise_t:
+        click.echo(f"largest rise {_fmt(res.max_rise)} ± {_fmt(res.max_rise_se)} from t = {_fmt(res.max_rise_t[0])} "
+                   f"to t = {_fmt(res.max_rise_t[1])}")

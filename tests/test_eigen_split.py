@@ -55,6 +55,10 @@ def test_split_is_exact_on_a_quadratic(tmp_path):
             assert abs(got["interaction"][r]) < 1e-10 * max(1.0, abs(hf))  # exact split on a quadratic
             np.testing.assert_allclose(got["share_top"][r] + got["share_rest"][r], 1.0, rtol=1e-8)
             np.testing.assert_allclose(got["top_fraction"][r], float(top @ top / (dlt @ dlt)), rtol=1e-8)
+            # the split of the height above the floor: the dip along each component on the grid points in [0, 1]
+            depths = [L(w) - min(L(w + a * c) for a in ALPHAS if a <= 1.0) for c in (dlt, top, rest)]
+            np.testing.assert_allclose([got["depth_full"][r], got["depth_top"][r], got["depth_rest"][r]], depths, rtol=1e-8, atol=1e-14)
+            np.testing.assert_allclose(got["depth_share_top"][r], depths[1] / depths[0], rtol=1e-8)
 
 
 def test_eigen_split_shares_hessian_tops_eigenpairs(tmp_path):

@@ -67,6 +67,12 @@ def test_two_archive_line_matches_a_float64_loop(seeds):
     np.testing.assert_allclose(res.barrier_se, bar.std(ddof=1) / 2, rtol=1e-8)
     stats = line_curve_stats(np.array(t), ref_l)
     assert res.monotonic == stats["monotonic"] and res.barrier == pytest.approx(stats["barrier"])
+    # largest rise: brute force over every ordered pair of grid points, its SE paired over the same chunks
+    rises = [(ref_l[j] - ref_l[i], i, j) for i in range(len(t)) for j in range(i + 1, len(t))]
+    r, i, j = max(rises)
+    assert r > 0  # two seeds' ends: the line rises between them
+    assert res.max_rise == pytest.approx(r, rel=1e-9) and res.max_rise_t == [t[i], t[j]]
+    np.testing.assert_allclose(res.max_rise_se, (per[:, j] - per[:, i]).std(ddof=1) / 2, rtol=1e-8)
 
 
 def test_curve_stats_closed_forms():
@@ -74,6 +80,9 @@ def test_curve_stats_closed_forms():
     s = line_curve_stats(t, np.array([1.0, 1.5, 2.0, 1.2, 0.5]))
     assert s["barrier"] == 1.0 and s["barrier_t"] == 0.5 and s["floor_t"] == 1.0 and not s["monotonic"]
     assert line_curve_stats(t, np.array([3.0, 2.0, 2.0, 1.0, 0.0]))["monotonic"]
+    assert line_curve_stats(t, np.array([3.0, 2.0, 2.0, 1.0, 0.0]))["max_rise"] == 0.0
+    s = line_curve_stats(t, np.array([2.0, 1.0, 1.6, 0.2, 0.9]))  # rises 0.6 then 0.7: the later, larger one
+    assert s["max_rise"] == pytest.approx(0.7) and s["max_rise_t"] == [0.75, 1.0]
 
 
 def test_endpoints_and_bad_input(seeds, tmp_path):

@@ -72,15 +72,34 @@ def _record(traj: Trajectory, step: int | str) -> int:
     return int(hit[0])
 
 
+def max_rise(loss: np.ndarray) -> tuple[float, int, int]:
+    """Largest increase along the curve, max over i < j of loss[j] − loss[i] (0 when it never rises), and (i, j).
+
+    Why: "is θ₀ → θ_T monotonic?" (Lucas et al. 2021) is a yes/no that one noisy grid point flips; the largest rise
+    with its paired standard error says by how much, and whether the evaluation data resolves it."""
+    best, bi, bj = 0.0, 0, 0
+    lo = 0  # index of the running minimum before j
+    for j in range(1, len(loss)):
+        if loss[j] - loss[lo] > best:
+            best, bi, bj = float(loss[j] - loss[lo]), lo, j
+        if loss[j] < loss[lo]:
+            lo = j
+    return best, bi, bj
+
+
 def line_curve_stats(t: np.ndarray, loss: np.ndarray, tol: float = 0.0) -> dict[str, Any]:
-    """Floor (grid minimum), barrier max(path) − max(ends), its position, and monotonic non-increase (within tol)."""
+    """Floor (grid minimum), barrier max(path) − max(ends), its position, monotonic non-increase (within tol) and
+    the largest rise along the line (:func:`max_rise`) with the t of its two points."""
     if not np.all(np.isfinite(loss)):
         nan = float("nan")
-        return {"floor_t": nan, "floor_loss": nan, "barrier": nan, "barrier_t": nan, "monotonic": False}
+        return {"floor_t": nan, "floor_loss": nan, "barrier": nan, "barrier_t": nan, "monotonic": False,
+                "max_rise": nan, "max_rise_t": [nan, nan]}
     j = int(np.argmin(loss))
     k = int(np.argmax(loss))
+    rise, ri, rj = max_rise(loss)
     return {"floor_t": float(t[j]), "floor_loss": float(loss[j]), "barrier": float(loss[k] - max(loss[0], loss[-1])),
-            "barrier_t": float(t[k]), "monotonic": bool(np.all(np.diff(loss) <= tol))}
+            "barrier_t": float(t[k]), "monotonic": bool(np.all(np.diff(loss) <= tol)),
+            "max_rise": rise, "max_rise_t": [float(t[ri]), float(t[rj])]}
 
 
 @dataclass
@@ -98,6 +117,9 @@ class LineResult:
     barrier_se: float
     monotonic: bool
     distance: float  # ‖θ_B − θ_A‖ (parameters)
+    max_rise: float = float("nan")  # largest loss[j] − loss[i] over i < j (0: never rises)
+    max_rise_t: list[float] = field(default_factory=list)  # [t_i, t_j] of that rise
+    max_rise_se: float = float("nan")  # its paired standard error over the SE chunks
     ends: list[dict[str, Any]] = field(default_factory=list)  # path, step, record, identity per end
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -169,7 +191,7 @@ def analyze_line(a: str | Endpoint, b: str | Endpoint, *, alphas: str | Sequence
         lv, acc = ev.evaluate(states, x, y)
         stats = line_curve_stats(t, lv, monotonic_tol)
         loss_se = np.full(len(t), np.nan)
-        barrier_se = float("nan")
+        barrier_se = rise_se = float("nan")
         if se_chunks >= 2 and len(x) >= se_chunks:
             parts = torch.tensor_split(torch.arange(len(x), device=x.device), se_chunks)
             per = np.stack([ev.evaluate(states, x[p], y[p])[0] for p in parts])  # (chunks, len(t))
@@ -178,12 +200,15 @@ def analyze_line(a: str | Endpoint, b: str | Endpoint, *, alphas: str | Sequence
                 k = int(np.argmax(lv))  # the barrier's point on the whole data, paired with the ends chunk by chunk
                 bar = per[:, k] - np.maximum(per[:, 0], per[:, -1])
                 barrier_se = float(bar.std(ddof=1) / math.sqrt(len(parts)))
+                _, ri, rj = max_rise(lv)
+                if rj > ri:  # the rise's two points on the whole data, paired chunk by chunk
+                    rise_se = float((per[:, rj] - per[:, ri]).std(ddof=1) / math.sqrt(len(parts)))
         ends = []
         for e, traj, i in ((ea, ta, ia), (eb, tb, ib)):
             ends.append({"path": os.path.abspath(traj.path), "step": int(traj.steps[i]), "record": int(i),
                          "identity": str(archive_identity(traj))})
         return LineResult(t=t.tolist(), loss=lv.tolist(), acc=np.asarray(acc).tolist(), loss_se=loss_se.tolist(),
-                          barrier_se=barrier_se, distance=float(torch.linalg.vector_norm((tb.params(ib).double() - ta.params(ia).double()))),
+                          barrier_se=barrier_se, max_rise_se=rise_se, distance=float(torch.linalg.vector_norm((tb.params(ib).double() - ta.params(ia).double()))),
                           ends=ends, settings={"eval": eval_spec.kind if eval_spec.kind != "subset" else f"subset:{eval_spec.n}",
                                                "bn": bn_eff, "dtype": dtype, "loss": loss, "model": model_id,
                                                "data": source.ident, "se_chunks": se_chunks}, **stats)

@@ -79,17 +79,18 @@ def gradients_figure(runs: Sequence[Run | str] | Run | str) -> Figure:
 
 
 _SPLIT_PANELS = (
-    ("share", "Height share: top-k (solid), rest (dashed)", "height share"),
+    ("share", "Share of the height above the floor: top-k (solid), rest (dashed)", "depth share"),
     ("fraction", "Squared length share in the top-k space", r"$\Vert d_\mathrm{top}\Vert^2/\Vert d\Vert^2$"),
-    ("heights", "Height: full (solid), top (dashed), rest (dotted)", r"$\Delta L$"),
+    ("heights", "End-point change: full (solid), top (dashed), rest (dotted)", r"$\Delta L$"),
 )
 
 
 def _draw_split(ax, key: str, m: MetricData, color: str) -> bool:
     x = _x(m)
-    if key == "share":
-        ax.plot(x, m["share_top"], color=color, lw=1.2)
-        ax.plot(x, m["share_rest"], color=color, lw=1.0, ls="--")
+    if key == "share":  # results of eigen_split version 1 have no depth columns: their end-point shares instead
+        top, rest = ("depth_share_top", "depth_share_rest") if "depth_share_top" in m.arrays else ("share_top", "share_rest")
+        ax.plot(x, m[top], color=color, lw=1.2)
+        ax.plot(x, m[rest], color=color, lw=1.0, ls="--")
         ax.axhline(0.0, color="0.6", lw=0.8)
     elif key == "fraction":
         ax.plot(x, m["top_fraction"], color=color, lw=1.2, marker="o", ms=2.5)
