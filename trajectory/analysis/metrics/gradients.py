@@ -41,8 +41,12 @@ from ..metric import Metric
 
 __all__ = ["Gradients", "unit_gradient_moments", "minibatch"]
 
-#: gradient elements one pass of per-unit gradients may hold (chunk x n_params), bounding memory on large models
-_GRAD_BUDGET = 1 << 25
+#: gradient elements one pass of per-unit gradients may hold (chunk x n_params), bounding memory on large models.
+#: 2**21 (16 MiB in float64) keeps each block under glibc's largest mmap threshold (32 MiB), so freed blocks are
+#: reused instead of being unmapped and faulted in again: with 2**25 (256 MiB) per-sample gradients of 2,000 samples
+#: spent 43% of their time in the kernel (page faults); 4 records of the sample archive: 3.46 -> 2.51 s wall, 1.49 ->
+#: 0.45 s system time, 560k -> 124k minor faults (float64, subset:2000, 1 thread).
+_GRAD_BUDGET = 1 << 21
 
 _COLUMNS = ("loss", "grad_norm", "grad_b_norm", "cos_update", "cos_gb_g", "trace_sigma", "b_simple", "pred_change",
             "pred_change_se", "actual_change", "actual_change_se", "noise_units")
